@@ -1,0 +1,7 @@
+"""EXPR temporal model: `python -m affect_jax.main --config=configs/expr.py[:fold=K,size=S,affwild2=DIR] --workdir=W`."""
+
+from configs import temporal
+
+
+def get_config(arg=None):
+  return temporal.get_temporal_config("expr", arg)
