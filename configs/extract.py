@@ -13,6 +13,7 @@ def get_config(arg=None):
   args = common.parse_arg(arg, **common.default_args())
   config = common.base_config(args, "extract")
   config.model = common.vit_config(config.size)
+  config.model.dtype = config.get_ref("dtype")
   config.model.pool = "cls"
   config.model.head_dropout = 0.0
   config.batch_size = {"smoke": 16, "tiny": 128, "paper": 512}[config.size]

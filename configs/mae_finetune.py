@@ -12,6 +12,7 @@ def get_config(arg=None):
   config = common.base_config(args, "mae_finetune")
   size = config.size
   config.model = common.vit_config(size)
+  config.model.dtype = config.get_ref("dtype")
   config.model.pool = "cls"  # the CLS token is the per-frame feature (authors' code)
   config.model.head_dropout = 0.1
   batch = {"smoke": 8, "tiny": 64, "paper": common.FINETUNE_BATCH}[size]

@@ -11,6 +11,7 @@ def get_config(arg=None):
   config = common.base_config(args, "mae_pretrain")
   size = config.size
   config.model = common.vit_config(size)
+  config.model.dtype = config.get_ref("dtype")
   batch = {"smoke": 8, "tiny": 64, "paper": common.MAE_BATCH}[size]
   epochs = {"smoke": 1, "tiny": 30, "paper": common.MAE_EPOCHS}[size]
   config.optimizer = common.optimizer_config(

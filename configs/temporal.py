@@ -12,6 +12,7 @@ def get_temporal_config(task, arg=None):
   config.fold = args.fold
   config.num_folds = 4
   config.model = common.temporal_config(size)
+  config.model.dtype = config.get_ref("dtype")
   config.window = common.WINDOW if size != "smoke" else 30
   config.stride = common.STRIDE if size != "smoke" else 20
   config.jitter = size != "paper"  # random window offsets in training (ours; paper: fixed)

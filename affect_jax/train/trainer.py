@@ -272,3 +272,31 @@ def _flat_hparams(config):
         flat[name] = str(value)
   visit("", config)
   return flat
+
+
+def checkpoint_dir(stage_workdir):
+  return os.path.join(stage_workdir, "checkpoints")
+
+
+def has_checkpoint(stage_workdir):
+  directory = checkpoint_dir(stage_workdir)
+  return os.path.isdir(directory) and any(name.isdigit() for name in os.listdir(directory))
+
+
+def upstream_checkpoint(config, workdir):
+  """The checkpoint folder a stage starts from: `config.init_from`, else the upstream stage's
+  folder in `workdir`, running the upstream stage first when it has no checkpoint yet."""
+  from affect_jax import stages  # pylint: disable=g-import-not-at-top
+  if config.init_from:
+    directory = config.init_from
+    if not has_checkpoint(directory) and has_checkpoint(os.path.dirname(directory.rstrip("/"))):
+      directory = os.path.dirname(directory.rstrip("/"))
+    if not has_checkpoint(directory):
+      raise FileNotFoundError(f"config.init_from={config.init_from}: no checkpoint there")
+    return checkpoint_dir(directory)
+  upstream_dir = stages.stage_dir(workdir, config.upstream.stage)
+  if not has_checkpoint(upstream_dir):
+    logging.info("No %s checkpoint in %s yet: running that stage first.", config.upstream.stage,
+                 upstream_dir)
+    stages.run(config.upstream, workdir)
+  return checkpoint_dir(upstream_dir)

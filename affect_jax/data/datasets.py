@@ -1,0 +1,99 @@
+"""Where each stage's data comes from: the user's folders, or the built-in synthetic default.
+
+With `config.data.affwild2_dir` empty, synthetic face videos (and face-image datasets) are generated
+once into `<data root>/synthetic`. Either way the TFDS datasets are built once into
+`<data root>/tfds` and reused by every later stage.
+"""
+
+import dataclasses
+import json
+import os
+
+from absl import logging
+import tensorflow_datasets as tfds
+
+from affect_jax.data import builders
+from affect_jax.data import synthetic
+
+# Folder names tried, in order, for each face dataset inside config.data.faces_dir.
+FACE_FOLDERS = {
+    "affectnet": ("AffectNet", "affectnet"),
+    "rafdb": ("RAF-DB", "RAF_DB", "raf_db", "rafdb"),
+    "fer2013": ("FER2013", "fer2013"),
+    "ferplus": ("FERPlus", "FER+", "ferplus", "FER2013", "fer2013"),
+}
+SYNTHETIC_NOTICE = (
+    "Running on the built-in SYNTHETIC face videos (no dataset folder configured). To use Aff-Wild2, "
+    "pass your copy: --config=configs/<stage>.py:affwild2=/path/to/Aff-Wild2,faces=/path/to/faces")
+
+
+@dataclasses.dataclass(frozen=True)
+class DataPaths:
+  tfds_dir: str
+  affwild2_dir: str
+  face_dirs: dict  # dataset name -> manual dir (only datasets that are present)
+  synthetic: bool
+
+
+def data_root(config, workdir):
+  return config.data.root or os.path.join(workdir, "data")
+
+
+def generate_synthetic(config, root):
+  """Generates the synthetic default once (a finished run leaves its summary file)."""
+  out = os.path.join(root, "synthetic")
+  summary = os.path.join(out, "_synthetic_truth", "summary.json")
+  if not os.path.exists(summary):
+    cfg = config.data.synthetic
+    logging.info("Generating %d synthetic videos of ~%d frames into %s", cfg.videos, cfg.frames, out)
+    synthetic.generate(out, num_videos=cfg.videos, frames_per_video=cfg.frames, seed=cfg.seed)
+  with open(summary) as f:
+    return out, json.load(f)
+
+
+def locate(config, workdir):
+  """The folders to read (generating the synthetic data if needed); builds nothing."""
+  root = data_root(config, workdir)
+  if config.data.affwild2_dir:
+    affwild2_dir = config.data.affwild2_dir
+    if not os.path.isdir(affwild2_dir):
+      raise FileNotFoundError(f"config.data.affwild2_dir={affwild2_dir} is not a folder")
+    faces_root = config.data.faces_dir
+    is_synthetic = False
+  else:
+    logging.warning(SYNTHETIC_NOTICE)
+    out, summary = generate_synthetic(config, root)
+    affwild2_dir = os.path.join(out, summary["roots"]["aff_wild2"])
+    faces_root = config.data.faces_dir or out
+    is_synthetic = True
+  face_dirs = {}
+  if faces_root:
+    if not os.path.isdir(faces_root):
+      raise FileNotFoundError(f"config.data.faces_dir={faces_root} is not a folder")
+    present = set(os.listdir(faces_root))
+    for name, folders in FACE_FOLDERS.items():
+      folder = next((f for f in folders if f in present), None)
+      if folder:
+        face_dirs[name] = os.path.join(faces_root, folder)
+  return DataPaths(os.path.join(root, "tfds"), affwild2_dir, face_dirs, is_synthetic)
+
+
+def prepare(config, workdir, *, faces=False):
+  """Builds (or reuses) the Aff-Wild2 TFDS datasets, and the face datasets when `faces`."""
+  paths = locate(config, workdir)
+  for view in ("frames", "videos"):
+    builders.build("affwild2", paths.affwild2_dir, paths.tfds_dir, view, bad_data=config.data.bad_data)
+  if faces:
+    for name, manual_dir in paths.face_dirs.items():
+      builders.build(name, manual_dir, paths.tfds_dir, bad_data=config.data.bad_data)
+  return paths
+
+
+def affwild2_splits(paths, view):
+  """Split names of the built `affwild2/<view>` dataset."""
+  return sorted(tfds.builder(f"affwild2/{view}", data_dir=paths.tfds_dir).info.splits)
+
+
+def open_source(paths, name, split):
+  """Random-access source of a built dataset, e.g. ('affwild2/frames', 'train')."""
+  return tfds.data_source(name, split=split, data_dir=paths.tfds_dir)

@@ -1,0 +1,101 @@
+"""Fine-tuning the pre-trained encoder on Aff-Wild2 expression frames (paper §3.1).
+
+Starts from, in order: its own newest checkpoint in W/mae_finetune, the MAE checkpoint named by
+`config.init_from`, W/mae_pretrain (running pre-training first if it has no checkpoint). Validation:
+EXPR macro F1 over all 8 classes on every validation frame with a face and a valid label.
+"""
+
+from absl import logging
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from affect_jax import metrics
+from affect_jax import stages
+from affect_jax.data import datasets
+from affect_jax.data import pipelines
+from affect_jax.data import schema
+from affect_jax import losses
+from affect_jax.models import classifier as classifier_lib
+from affect_jax.train import checkpointing
+from affect_jax.train import optimizer as optimizer_lib
+from affect_jax.train import trainer
+
+
+def count_expr_frames(paths, split):
+  """Frames with a face and a valid EXPR label, counted on the per-video view (no pixels read)."""
+  videos = datasets.open_source(paths, "affwild2/videos", split)
+  return int(sum(np.sum(np.asarray(v["expr_valid"], bool) & np.asarray(v["has_face"], bool))
+                 for v in videos))
+
+
+def load_pretrained_encoder(config, workdir, state, shardings, model):
+  """Copies the MAE encoder into the classifier's parameters."""
+  directory = trainer.upstream_checkpoint(config, workdir)
+  mae_state = checkpointing.restore_params(directory)
+  params = classifier_lib.load_mae_encoder(jax.device_get(state.params), mae_state["params"], model.encoder)
+  logging.info("Fine-tuning starts from the MAE encoder in %s", directory)
+  return state.replace(params=jax.device_put(params, shardings.params))
+
+
+def train_and_evaluate(config, workdir):
+  out_dir = stages.stage_dir(workdir, config.stage)
+  paths = datasets.prepare(config, workdir)
+  train_src = datasets.open_source(paths, "affwild2/frames", "train")
+  val_src = datasets.open_source(paths, "affwild2/frames", "validation")
+  mesh = trainer.make_mesh(config.mesh)
+  num_classes = len(schema.EXPR_CLASSES)
+  model = classifier_lib.classifier_from_config(config.model, num_classes)
+  batch_size = config.optimizer.batch_size
+  local_batch = batch_size // jax.process_count()
+  steps_per_epoch = max(1, count_expr_frames(paths, "train") // batch_size)
+  num_steps = config.num_train_steps if config.num_train_steps > 0 else int(
+      round(config.optimizer.epochs * steps_per_epoch))
+  tx, schedule = optimizer_lib.make_optimizer(config.optimizer, steps_per_epoch)
+  size = config.model.image_size
+  init_inputs = dict(images=jax.ShapeDtypeStruct((batch_size, size, size, 3), jnp.float32))
+  state, shardings = trainer.create_train_state(model, tx, init_inputs, jax.random.key(config.seed), mesh)
+  if not trainer.has_checkpoint(out_dir):
+    state = load_pretrained_encoder(config, workdir, state, shardings, model)
+
+  def loss_fn(params, batch_stats, batch, rngs):
+    out = model.apply({"params": params}, batch["image"], train=True, rngs=rngs)
+    valid = jnp.ones(batch["label"].shape, bool)
+    loss = losses.cross_entropy_loss(out["logits"], batch["label"], valid,
+                                     label_smoothing=config.label_smoothing)
+    accuracy = jnp.mean(out["logits"].argmax(-1) == batch["label"])
+    return loss, ({"accuracy": accuracy}, batch_stats)
+
+  train_step = trainer.make_train_step(loss_fn, tx, shardings, mesh, config.seed)
+  iterator = pipelines.finetune_frames_pipeline(
+      train_src, batch_size=local_batch, image_size=size, seed=config.seed,
+      class_balanced=config.class_balanced, num_workers=config.num_workers)
+
+  def predict(state, batch):
+    return model.apply({"params": state.params}, batch["image"], train=False)["logits"]
+
+  predict_fn = jax.jit(predict, in_shardings=(shardings, trainer.batch_sharding(mesh)),
+                       out_shardings=trainer.replicated(mesh))
+  writer = trainer.create_writer(out_dir)
+
+  def evaluate(state, step):
+    stats = metrics.empty("expr")
+    for batch in pipelines.eval_frames_pipeline(val_src, batch_size=local_batch, image_size=size):
+      device = trainer.to_global_batch(
+          {k: batch[k] for k in ("image", "expr", "expr_valid", "has_face", "valid")}, mesh)
+      logits = predict_fn(state, device)
+      valid = device["valid"] & device["has_face"] & device["expr_valid"]
+      stats = stats.merge(metrics.expr_stats(logits, device["expr"], valid))
+    scores = metrics.compute(stats)
+    return {"expr_f1": scores["expr_f1"], "expr_accuracy": scores["expr_accuracy"]}
+
+  loop = trainer.Loop(
+      config=config, workdir=out_dir, state=state,
+      train_step=lambda s, b: train_step(s, {"image": b["image"], "label": b["label"]}),
+      train_iterator=iterator, mesh=mesh, num_train_steps=num_steps, steps_per_epoch=steps_per_epoch,
+      evaluate=evaluate, eval_every_steps=config.eval_every_steps, best_metric="expr_f1",
+      schedule=schedule)
+  state, scores = trainer.run_loop(loop, writer)
+  writer.close()
+  logging.info("Fine-tuning done: %s", scores)
+  return scores
