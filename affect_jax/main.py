@@ -13,6 +13,7 @@ import jax
 from ml_collections import config_flags
 
 from affect_jax import stages
+from affect_jax.data import datasets
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Stage config file.", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for data, checkpoints and logs.")
@@ -32,6 +33,8 @@ def main(argv):
         coordinator_address=_COORDINATOR.value, num_processes=_NUM_PROCESSES.value,
         process_id=_PROCESS_ID.value)
   config = _CONFIG.value
+  if not config.data.affwild2_dir:
+    logging.warning(datasets.SYNTHETIC_NOTICE)
   stages.validate(config)
   workdir = stages.prepare_workdir(_WORKDIR.value)
   logging.info("affect_jax stage %r, workdir %s, process %d of %d, devices %s", config.stage, workdir,

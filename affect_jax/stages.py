@@ -11,6 +11,7 @@ import importlib
 import os
 
 from absl import logging
+import jax
 
 STAGE_MODULES = {
     "mae_pretrain": "affect_jax.train.mae_pretrain",
@@ -73,5 +74,18 @@ def run(config, workdir):
     if e.name == module_name:
       raise SystemExit(f"Stage {config.stage!r} is not built yet ({module_name} does not exist).") from e
     raise
-  logging.info("Running stage %s in %s", config.stage, stage_dir(workdir, config.stage))
+  directory = stage_dir(workdir, config.stage)
+  logging.info("Running stage %s in %s", config.stage, directory)
+  save_config(config, directory)
   return module.train_and_evaluate(config, workdir)
+
+
+def save_config(config, directory):
+  """The resolved config beside the stage's outputs, so `predict` and people can rebuild its model."""
+  if jax.process_index() != 0:
+    return
+  os.makedirs(directory, exist_ok=True)
+  path = os.path.join(directory, "config.json")
+  with open(path + ".tmp", "w") as f:
+    f.write(config.to_json_best_effort(indent=1))
+  os.replace(path + ".tmp", path)

@@ -21,7 +21,7 @@ def get_config(arg=None):
       lr=common.FINETUNE_LR if size == "paper" else 5e-4, weight_decay=0.05,
       warmup_epochs={"smoke": 0, "tiny": 0.25, "paper": 1}[size], epochs=epochs, batch_size=batch)
   config.optimizer.layer_decay = 0.75 if size == "paper" else 1.0
-  config.num_train_steps = {"smoke": 3, "tiny": -1, "paper": -1}[size]
+  config.num_train_steps = {"smoke": 3, "tiny": 400, "paper": -1}[size]
   config.class_balanced = False
   config.label_smoothing = 0.0
   config.init_from = ""  # empty: the upstream stage's workdir

@@ -15,10 +15,10 @@ def get_config(arg=None):
   batch = {"smoke": 8, "tiny": 64, "paper": common.MAE_BATCH}[size]
   epochs = {"smoke": 1, "tiny": 30, "paper": common.MAE_EPOCHS}[size]
   config.optimizer = common.optimizer_config(
-      lr=common.MAE_LR, weight_decay=0.05, warmup_epochs={"smoke": 0, "tiny": 2, "paper": 40}[size],
+      lr=common.MAE_LR, weight_decay=0.05, warmup_epochs={"smoke": 0, "tiny": 0.3, "paper": 40}[size],
       epochs=epochs, batch_size=batch)
   config.optimizer.b2 = 0.95  # MAE's AdamW betas
-  config.num_train_steps = {"smoke": 3, "tiny": -1, "paper": -1}[size]  # -1: from epochs
+  config.num_train_steps = {"smoke": 3, "tiny": 600, "paper": -1}[size]  # -1: from epochs
   # Weights of the face datasets in the pre-training mixture (missing datasets are dropped).
   config.mixture = dict(affectnet=1.0, rafdb=1.0, fer2013=1.0, ferplus=1.0, affwild2=1.0)
   config.init_from = ""

@@ -61,7 +61,6 @@ def locate(config, workdir):
     faces_root = config.data.faces_dir
     is_synthetic = False
   else:
-    logging.warning(SYNTHETIC_NOTICE)
     out, summary = generate_synthetic(config, root)
     affwild2_dir = os.path.join(out, summary["roots"]["aff_wild2"])
     faces_root = config.data.faces_dir or out

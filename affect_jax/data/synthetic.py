@@ -9,20 +9,30 @@ Usage::
 
 or ``affect_jax.data.synthetic.generate(DIR, num_videos=..., frames_per_video=..., seed=...)``.
 
-Output (``DIR/``)::
+Output (``DIR/``; the face-dataset folders are the names the configs' ``faces=`` folder expects)::
 
-  aff_wild2/                                  the Aff-Wild2 root (point the readers here)
+  Aff-Wild2/                                  the Aff-Wild2 root (point the reader here)
     cropped_aligned/<video>/00001.jpg ...     112x112 JPEG faces, 1-based, 5 digits
     cropped_aligned_new_50_vids/<video>/...   ~15 % of the videos
     6th_ABAW_Annotations/{VA_Estimation_Challenge,EXPR_Recognition_Challenge,
                           AU_Detection_Challenge}/{Train_Set,Validation_Set}/<video>.txt
     names_of_videos_in_each_test_set/{Valence_Arousal_Estimation,Expression_Recognition,
-                          Action_Unit_Detection}_Challenge_test_set_release.txt
-  affectnet/{training,validation}.csv, affectnet/Manually_Annotated_Images/<sub>/<name>.jpg
-  raf_db/EmoLabel/list_patition_label.txt, raf_db/Image/aligned/train_00001_aligned.jpg ...
-  fer2013/fer2013.csv and fer2013/fer2013new.csv (FER+ votes, same row order)
-  _synthetic_truth/summary.json               plan: splits, folders, lags, frame counts, roots
-  _synthetic_truth/<video>.npz                hidden per-frame state (un-lagged truth)
+                          Action_Unit_Detection}_Challenge_test_set_release.txt  (one id a line)
+  AffectNet/{training,validation}.csv         all nine columns; 68 landmarks as "x;y;x;y;..."
+  AffectNet/Manually_Annotated_Images/<sub>/<56 hex digits>.jpg   150-260 px photos, face in the box
+  RAF-DB/EmoLabel/list_patition_label.txt     "train_00001.jpg 5" / "test_0001.jpg 7"
+  RAF-DB/Image/aligned/train_00001_aligned.jpg ...                  100x100
+  FER2013/fer2013.csv                         emotion,pixels,Usage (48x48 grey; Training rows first)
+  FERPlus/fer2013new.csv                      vote counts, same rows and order as fer2013.csv
+  _synthetic_truth/summary.json               the plan: per video its splits per task, image
+                                              folder, frame/image counts, missing frames, lag
+  _synthetic_truth/<video>.npz                hidden per-frame state (valence, arousal, expr,
+                                              au_intensity, au: un-lagged truth), has_image,
+                                              lag_frames, and the rater labels before -5/-1
+
+Label lines are ``v,a`` with 3, 4 or 6 decimals (per file) or ``-5,-5``; one EXPR index or
+``-1``; twelve ``0``/``1`` or ``-1``. Defaults (24 labelled videos of ~600 frames, 3 test videos,
+400/300/300 face images) take about 20 s on one core.
 
 Generative model
 ----------------
@@ -44,7 +54,8 @@ Hidden per-frame affect state of a subject (``simulate_affect``):
   non-negative valence; for negative valence, a slowly switching latent "flavour" picks Anger or
   Fear (high arousal), Anger, Disgust or Sadness (medium) or Sadness (low), Fear and Disgust
   being rare; rare "Other" episodes (a one-sided, contempt-like lip pull) override the rest.
-  Neutral is the most frequent class (~40 %), Fear and Disgust the rarest (~2-5 %).
+  Over many videos: Neutral ~40 %, Happiness ~24 %, Anger ~10 %, Sadness ~9 %, Surprise ~7 %,
+  Other ~5 %, Disgust and Fear ~2 % each (single videos vary a lot, as in the real data).
 * the 12 AU intensities in [0, 1] = a linear drive from (v, a) (AU12 and AU6 rise with positive
   valence; AU4, AU15, AU7 with negative valence; AU1, AU2, AU25, AU26 with arousal) plus the
   prototype pattern of the current expression (e.g. Anger: AU4, AU7, AU23, AU24; Sadness: AU1,
@@ -58,15 +69,17 @@ raise the inner/outer brow, AU4 lowers and draws the brows together (glabella li
 and reddens the cheeks and narrows the eyes, AU7 tightens the lower lid, AU10 raises the upper lip
 and shows teeth, AU12 pulls the lip corners up and out, AU15 pulls them down, AU23/AU24 narrow
 and thin the lips, AU25 parts the lips and AU26 drops the jaw. Valence also bends the mouth
-directly and arousal opens the eyes (an AU5-like widening), so both are visible over their whole
-range.
+directly and arousal opens the eyes (an AU5-like widening; low arousal droops the lids) and
+raises the brows, so both are visible over their whole range, at 64 px as well as at 112 px.
+Identity, pose, lighting, blur and noise vary moderately and independently of the affect.
 
 Annotations imitate human raters: every label lags the face by a per-video delay of 3-8 frames
 (``lag_frames`` in the truth), VA carries smooth rater noise (sd ~0.05), the expression label is
 the class rule applied to the noisy lagged VA, and AU labels threshold the lagged intensity plus
-noise. Quirks of the real release are reproduced: 1-3 % of frames have no face image (short
-bursts), a third of the videos have a few more annotation lines than images at the end, runs of
-invalid labels (``-5`` VA, ``-1`` EXPR, ``-1`` AU, occasionally a single ``-1`` among twelve),
+noise (plus 0.2 % random flips). Quirks of the real release are reproduced: 1-3 % of frames have
+no face image (bursts of 1-4 frames), a third of the videos have 1-8 more annotation lines than
+images at the end, about a third of the label files hold a run of invalid labels covering 5-15 %
+of the video (``-5`` VA, ``-1`` EXPR, ``-1`` AU rows; occasionally a single ``-1`` among twelve),
 videos labelled for only some tasks, one video (when there are 8 or more) labelled in
 ``Train_Set`` for VA/AU but in ``Validation_Set`` for EXPR, CRLF or LF line endings and a missing
 final newline in some files, and test videos that have images but no labels.
@@ -118,7 +131,7 @@ TEST_LISTS = {"va": "Valence_Arousal_Estimation_Challenge_test_set_release.txt",
 _E = {name: i for i, name in enumerate(EXPR_CLASSES)}
 _A = {name: i for i, name in enumerate(AU_NAMES)}
 
-# Our 8-class order -> each dataset's own code (None: the dataset has no such class).
+# Our class names -> each dataset's own code; a class missing from a table is never written there.
 AFFECTNET_CODES = {"Neutral": 0, "Happiness": 1, "Sadness": 2, "Surprise": 3, "Fear": 4, "Disgust": 5,
                    "Anger": 6, "Other": 7}
 RAFDB_CODES = {"Surprise": 1, "Fear": 2, "Disgust": 3, "Happiness": 4, "Sadness": 5, "Anger": 6, "Neutral": 7}
@@ -264,7 +277,7 @@ def simulate_affect(rng: np.random.Generator, num_frames: int, fps: float) -> Af
     linear[:, _A[name]] = drive
   talking = _smooth(_episodes(rng, n, fps * 6, (fps * 1.0, fps * 4.0)).astype(float), fps * 0.1)
   phase = rng.uniform(0, 2 * np.pi)
-  speech = talking * 0.45 * (0.5 + 0.5 * np.sin(2 * np.pi * 4.0 / fps * np.arange(n) + phase))
+  speech = talking * 0.3 * (0.5 + 0.5 * np.sin(2 * np.pi * 4.0 / fps * np.arange(n) + phase))
   noise = 0.07 * np.stack([faces.smooth_noise(rng, n, fps * 0.4) for _ in AU_NAMES], 1)
   bias = rng.normal(0, 0.04, len(AU_NAMES))
   au = linear + proto + noise + bias
@@ -525,7 +538,11 @@ def _state_pool(seed, num_sequences=24, length=1500):
   cat = lambda f: np.concatenate([getattr(t, f) for t in tracks])
   pool = AffectTrack(**{f.name: cat(f.name) for f in dataclasses.fields(AffectTrack)})
   pool = dataclasses.replace(pool, blink=np.zeros_like(pool.blink))  # photos are taken with eyes open
-  return pool, {c: np.flatnonzero(pool.expr == i) for i, c in enumerate(EXPR_CLASSES)}
+  by_class = {c: np.flatnonzero(pool.expr == i) for i, c in enumerate(EXPR_CLASSES)}
+  empty = [c for c, frames in by_class.items() if frames.size == 0]
+  if empty:
+    raise RuntimeError(f"the state pool for seed {seed} has no frame of class {empty}; enlarge it")
+  return pool, by_class
 
 
 def _static_faces(rng, pool, by_class, classes: Sequence[str], scenes):
@@ -621,16 +638,18 @@ def _write_rafdb(out, seed, count, pool, by_class, scenes):
 
 
 def _ferplus_votes(rng, label):
+  """Ten taggers' votes: 5-10 for the true class, the rest mostly neutral (sadness for neutral
+  faces) or any other column; a non-face (label None) gets all ten as NF."""
   votes = dict.fromkeys(FERPLUS_COLUMNS, 0)
   if label is None:
     votes["NF"] = 10
     return votes
-  major = int(rng.integers(5, 11))
-  votes[FERPLUS_OF_CLASS[label]] = major
-  others = [c for c in FERPLUS_COLUMNS[:9] if c != FERPLUS_OF_CLASS[label]]
-  for _ in range(10 - major):
-    votes[others[int(rng.integers(len(others)))] if rng.uniform() < 0.6 else "neutral" if label != "Neutral"
-          else "sadness"] += 1
+  true = FERPLUS_OF_CLASS[label]
+  votes[true] = int(rng.integers(5, 11))
+  near = "sadness" if true == "neutral" else "neutral"
+  others = [c for c in FERPLUS_COLUMNS[:9] if c != true]
+  for _ in range(10 - votes[true]):
+    votes[near if rng.uniform() < 0.4 else others[int(rng.integers(len(others)))]] += 1
   return votes
 
 
@@ -704,10 +723,11 @@ def generate(out_dir: str, *, num_videos: int = 24, frames_per_video: int = 600,
     affect = _write_video(root, truth_dir, plan, identity, scenes[plan.recording], seed, index)
     expr_counts += np.bincount(affect.expr, minlength=len(EXPR_CLASSES))
 
-  test_dir = os.path.join(root, TEST_LIST_DIR)
-  os.makedirs(test_dir, exist_ok=True)
-  for task, fname in TEST_LISTS.items():
-    _write_lines(os.path.join(test_dir, fname), [p.video_id for p in plans if task in p.test_sets])
+  if num_test_videos:
+    test_dir = os.path.join(root, TEST_LIST_DIR)
+    os.makedirs(test_dir, exist_ok=True)
+    for task, fname in TEST_LISTS.items():
+      _write_lines(os.path.join(test_dir, fname), [p.video_id for p in plans if task in p.test_sets])
 
   roots = {"aff_wild2": root}
   counts = {}

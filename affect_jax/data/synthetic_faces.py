@@ -2,7 +2,8 @@
 
 A face is a fixed set of Pillow polygons and lines whose geometry is a function of an
 `Identity` (shape, colours, hair), a `Scene` (background, lighting, noise, JPEG quality) and a
-per-frame `FaceTrack` (the 12 AU intensities, valence, arousal, blinks, talking, gaze, head pose).
+per-frame `FaceTrack` (the 12 AU intensities, valence, arousal, blinks, a one-sided lip pull,
+gaze, head pose).
 Geometry for a whole video is computed at once with numpy ([frames, points, 2] arrays, one affine
 pose transform per frame); the per-frame loop only hands ready-made point lists to ImageDraw.
 Faces are drawn at twice the output size and box-filtered down, which anti-aliases the edges so
@@ -103,8 +104,8 @@ def sample_identity(rng: np.random.Generator) -> Identity:
   head_cy = 60.0 + rng.normal(0, 1.2)
   head_top = rng.uniform(47, 54)
   return Identity(
-      skin=_blend(skin, skin, 0),
-      hair=_blend(hair, hair, 0),
+      skin=_blend(skin, skin, 0.0),  # as an RGB tuple
+      hair=_blend(hair, hair, 0.0),
       hair_style=int(rng.integers(4)),
       brow=_blend(hair, (20, 15, 10), rng.uniform(0.3, 0.7)),
       iris=_blend(_IRIS_COLOURS[rng.integers(len(_IRIS_COLOURS))], (0, 0, 0), rng.uniform(0, 0.3)),
@@ -341,7 +342,7 @@ def _face_parts(idn: Identity, tr: FaceTrack):
     add("line", np.stack([start, ctrl, end], 1), fold_colours, width=2, depth=0.5)
 
   # Eyes: whites clipped by lids, iris and pupil clipped to the opening, dark upper lid line.
-  openness = np.clip(0.62 + 0.5 * a + 0.25 * np.maximum(au["AU1"], au["AU2"]) - 0.4 * au["AU7"]
+  openness = np.clip(0.62 + 0.55 * a + 0.25 * np.maximum(au["AU1"], au["AU2"]) - 0.4 * au["AU7"]
                      - 0.28 * au["AU6"] - 0.15 * au["AU4"], 0.08, 1.45) * (1 - 0.95 * tr.blink)
   lower_lid = np.clip(1 - 0.45 * au["AU7"] - 0.45 * au["AU6"], 0.3, 1.1)
   eu = np.linspace(-1, 1, 11)
@@ -377,8 +378,8 @@ def _face_parts(idn: Identity, tr: FaceTrack):
   for side in (-1, 1):
     inner_x = cx + side * (idn.eye_dx - idn.brow_len * 0.45 - 1.5 * au["AU4"])
     base = idn.eye_y - idn.brow_gap
-    y_in = base - 5.0 * au["AU1"] + 3.2 * au["AU4"] - 2.5 * a
-    y_out = base + 1.0 - 4.5 * au["AU2"] + 1.5 * au["AU4"] - 2.2 * a
+    y_in = base - 5.0 * au["AU1"] + 3.2 * au["AU4"] - 3.0 * a
+    y_out = base + 1.0 - 4.5 * au["AU2"] + 1.5 * au["AU4"] - 2.6 * a
     arch = 1.6 + 1.8 * au["AU2"] + 1.2 * au["AU1"] - 1.0 * au["AU4"]
     line_x = inner_x[:, None] + side * idn.brow_len * bu[None]
     line_y = y_in[:, None] + (y_out - y_in)[:, None] * bu[None] - arch[:, None] * np.sin(np.pi * bu)[None]

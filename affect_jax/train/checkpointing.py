@@ -20,6 +20,27 @@ class IncompatibleCheckpointError(ValueError):
   """A checkpoint whose parameters have other shapes than the configured model."""
 
 
+class DamagedCheckpointError(RuntimeError):
+  """No checkpoint of a folder that has some can be restored."""
+
+
+# Files Orbax 0.12.8 (state item) and Grain (data item) need to restore a step, named in warnings.
+_NEEDED_FILES = ("state/_METADATA", "state/manifest.ocdbt")
+
+
+def describe_damage(step_dir, error):
+  """What is wrong with a checkpoint that failed to restore: missing files, then the error."""
+  missing = [name for name in _NEEDED_FILES if not os.path.exists(os.path.join(step_dir, name))]
+  data_dir = os.path.join(step_dir, "data")
+  if os.path.isdir(data_dir) and not any(n.endswith(".json") for n in os.listdir(data_dir)):
+    missing.append("data/process_*.json")
+  message = " ".join(str(error).split())
+  if len(message) > 400:
+    message = message[:400] + " ..."
+  prefix = f"missing {', '.join(missing)}; " if missing else ""
+  return f"{prefix}{type(error).__name__}: {message}"
+
+
 class Checkpointer:
   """Saves and restores (state, data iterator) pairs in `directory`."""
 
@@ -65,13 +86,17 @@ class Checkpointer:
   def restore(self, abstract_state, data_iterator=None, step=None):
     """Restores the newest complete checkpoint (or `step`); returns (step, state) or (None, None).
 
-    A damaged newest checkpoint (a truncated or missing file) is reported and the next older one is
-    tried. A checkpoint whose parameter shapes differ from `abstract_state` is refused.
+    A damaged checkpoint (a truncated or missing file) is reported with what was wrong, moved out of
+    the way into `<directory>.damaged/` (so later saves of that step do not collide with it), and the
+    next older one is tried. If every checkpoint is damaged, DamagedCheckpointError is raised and
+    nothing is moved. A checkpoint whose parameter shapes differ from `abstract_state` is refused
+    with IncompatibleCheckpointError naming the parameters.
     """
     steps = [step] if step is not None else list(reversed(self.all_steps()))
+    damaged = []
     for candidate in steps:
-      check_compatible(self.item_shapes(candidate), abstract_state,
-                       os.path.join(self.directory, str(candidate)))
+      where = os.path.join(self.directory, str(candidate))
+      check_compatible(self.item_shapes(candidate), abstract_state, where)
       items = {"state": ocp.args.StandardRestore(abstract_state)}
       if data_iterator is not None:
         items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
@@ -80,14 +105,40 @@ class Checkpointer:
       except Exception as e:  # pylint: disable=broad-except
         if step is not None:
           raise
-        logging.warning("Checkpoint %s is damaged and was skipped (%s: %s); trying an older one.",
-                        os.path.join(self.directory, str(candidate)), type(e).__name__, e)
+        problem = describe_damage(where, e)
+        logging.warning("Checkpoint %s is damaged (%s); trying an older one.", where, problem)
+        damaged.append((candidate, problem))
         continue
-      logging.info("Restored checkpoint %s", os.path.join(self.directory, str(candidate)))
+      for bad_step, problem in damaged:
+        self._quarantine(bad_step, problem)
+      logging.info("Restored checkpoint %s", where)
       return candidate, restored["state"]
-    if steps:
-      logging.warning("No restorable checkpoint in %s", self.directory)
+    if damaged:
+      raise DamagedCheckpointError(
+          f"Every checkpoint in {self.directory} is damaged; none was moved or deleted:\n  "
+          + "\n  ".join(f"step {s}: {p}" for s, p in damaged)
+          + "\nMove or delete them to start this stage from the beginning.")
     return None, None
+
+  def _quarantine(self, step, problem):
+    """Moves a damaged step folder to `<directory>.damaged/<step>` with a note saying why."""
+    if jax.process_index() == 0:
+      destination_root = self.directory + ".damaged"
+      os.makedirs(destination_root, exist_ok=True)
+      destination = os.path.join(destination_root, str(step))
+      suffix = 1
+      while os.path.exists(destination):
+        destination = os.path.join(destination_root, f"{step}.{suffix}")
+        suffix += 1
+      os.rename(os.path.join(self.directory, str(step)), destination)
+      with open(os.path.join(destination, "DAMAGED.txt"), "w") as f:
+        f.write(problem + "\n")
+      logging.warning("Moved damaged checkpoint %s to %s", os.path.join(self.directory, str(step)),
+                      destination)
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+      multihost_utils.sync_global_devices(f"quarantined checkpoint {step}")
+    self.manager.reload()
 
   def item_shapes(self, step):
     """{path: shape} of the saved `state` item, read from the checkpoint's metadata."""
@@ -100,9 +151,25 @@ class Checkpointer:
     return _shapes(metadata)
 
 
+def _key_name(key):
+  for attribute in ("key", "name", "idx"):  # DictKey / FlattenedIndexKey, GetAttrKey, SequenceKey
+    if hasattr(key, attribute):
+      return str(getattr(key, attribute))
+  return str(key)
+
+
+def parameter_name(path):
+  """'params/encoder/kernel': one spelling for a live TrainState and for Orbax's saved metadata.
+
+  Orbax stores the state as nested dicts and lists (`opt_state/1/mu/...`) while the live state has
+  attributes and tuples (`.opt_state[1].mu[...]`); jax.tree_util.keystr would spell them differently.
+  """
+  return "/".join(_key_name(k) for k in path)
+
+
 def _shapes(tree):
   flat, _ = jax.tree_util.tree_flatten_with_path(tree)
-  return {jax.tree_util.keystr(path): tuple(leaf.shape) for path, leaf in flat if hasattr(leaf, "shape")}
+  return {parameter_name(path): tuple(leaf.shape) for path, leaf in flat if hasattr(leaf, "shape")}
 
 
 def check_compatible(saved_shapes, abstract_state, where):
@@ -123,12 +190,23 @@ def check_compatible(saved_shapes, abstract_state, where):
         f"Checkpoint {where} does not fit this config; parameters that differ:\n  " + "\n  ".join(lines))
 
 
+@jax.jit
+def _leaves_finite(leaves):
+  # One jitted reduction: its replicated result is readable on every host, whatever the sharding.
+  return jax.numpy.stack([jax.numpy.isfinite(x).all() for x in leaves])
+
+
 def _assert_finite(state, step):
   """No NaN ever reaches a saved checkpoint."""
-  bad = [jax.tree_util.keystr(p) for p, x in jax.tree_util.tree_flatten_with_path(state)[0]
-         if hasattr(x, "dtype") and np.issubdtype(x.dtype, np.floating) and not bool(jax.numpy.isfinite(x).all())]
+  flat = [(parameter_name(p), x) for p, x in jax.tree_util.tree_flatten_with_path(state)[0]
+          if hasattr(x, "dtype") and jax.numpy.issubdtype(x.dtype, jax.numpy.inexact)]
+  if not flat:
+    return
+  finite = np.asarray(_leaves_finite([x for _, x in flat]))
+  bad = [name for (name, _), ok in zip(flat, finite) if not ok]
   if bad:
-    raise FloatingPointError(f"Refusing to save step {step}: non-finite values in {bad[:5]}")
+    raise FloatingPointError(f"Refusing to save step {step}: non-finite values in {bad[:5]}"
+                             + (f" and {len(bad) - 5} more" if len(bad) > 5 else ""))
 
 
 def restore_params(directory, abstract_params=None):

@@ -67,7 +67,7 @@ def train_and_evaluate(config, workdir):
   steps_per_epoch = max(1, sum(len(s) for s in sources.values()) // batch_size)
   num_steps = config.num_train_steps if config.num_train_steps > 0 else int(
       round(config.optimizer.epochs * steps_per_epoch))
-  tx, schedule = optimizer_lib.make_optimizer(config.optimizer, steps_per_epoch)
+  tx, schedule = optimizer_lib.make_optimizer(config.optimizer, steps_per_epoch, num_steps)
   size = config.model.image_size
   init_inputs = dict(images=jax.ShapeDtypeStruct((batch_size, size, size, 3), jnp.float32))
   state, shardings = trainer.create_train_state(model, tx, init_inputs, jax.random.key(config.seed), mesh)

@@ -10,8 +10,9 @@ _NO_DECAY = re.compile(r"(bias|scale|norm|pos_embed|posemb|cls|mask_token|prelu|
 _BLOCK = re.compile(r"blocks_(\d+)")
 
 
-def learning_rate_schedule(opt_cfg, steps_per_epoch):
-  total = max(1, int(round(opt_cfg.epochs * steps_per_epoch)))
+def learning_rate_schedule(opt_cfg, steps_per_epoch, total_steps=None):
+  """Warm-up then cosine to 0 over `total_steps` (default: the configured epochs)."""
+  total = max(1, int(total_steps or round(opt_cfg.epochs * steps_per_epoch)))
   warmup = min(int(round(opt_cfg.warmup_epochs * steps_per_epoch)), total - 1)
   if opt_cfg.schedule == "cosine":
     return optax.warmup_cosine_decay_schedule(0.0, opt_cfg.lr, max(warmup, 0), total, end_value=0.0)
@@ -58,11 +59,11 @@ def scale_by_layer_decay(decay):
   return optax.GradientTransformation(lambda _: optax.EmptyState(), update_fn)
 
 
-def make_optimizer(opt_cfg, steps_per_epoch):
+def make_optimizer(opt_cfg, steps_per_epoch, total_steps=None):
   """Returns (optax transformation, schedule)."""
   if opt_cfg.name != "adamw":
     raise ValueError(f"optimizer.name={opt_cfg.name!r}; only 'adamw' is supported")
-  schedule = learning_rate_schedule(opt_cfg, steps_per_epoch)
+  schedule = learning_rate_schedule(opt_cfg, steps_per_epoch, total_steps)
   parts = []
   if opt_cfg.grad_clip_norm:
     parts.append(optax.clip_by_global_norm(opt_cfg.grad_clip_norm))

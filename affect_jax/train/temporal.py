@@ -5,7 +5,7 @@ on windows of `config.window` frames every `config.stride` frames, and scores th
 videos as the challenge does: windows merged back to one prediction per frame (each frame from
 the window where it is most central), every frame of every video, invalid labels excluded.
 
-Writes into W/<task>/: checkpoints/, TensorBoard events, scores.json, and per-frame predictions in
+Writes into W/<task>/ (W/<task>_fold<K> for folds 1..4): checkpoints/, TensorBoard events, scores.json, and per-frame predictions in
 the challenge submission format (predictions/validation.txt, and predictions/test.txt when the
 dataset lists test videos).
 """
@@ -98,7 +98,8 @@ def _device_batch(batch, dtype):
 def train_and_evaluate(config, workdir):
   """Trains the temporal model for config.task and writes its validation scores."""
   task = tasks.TASKS[config.task]
-  out_dir = stages.stage_dir(workdir, config.stage)
+  # Folds 1..4 train in W/<task>_fold<K> so that they never resume each other's checkpoints.
+  out_dir = stages.stage_dir(workdir, config.stage) + (f"_fold{config.fold}" if config.fold else "")
   os.makedirs(out_dir, exist_ok=True)
   features_dir = ensure_features(config, workdir)
   train_src, val_src, test_src = fold_sources(config, features_dir, config.task)
@@ -120,7 +121,7 @@ def train_and_evaluate(config, workdir):
   steps_per_epoch = max(1, num_windows // batch_size)
   num_steps = config.num_train_steps if config.num_train_steps > 0 else int(
       round(config.optimizer.epochs * steps_per_epoch))
-  tx, schedule = optimizer_lib.make_optimizer(config.optimizer, steps_per_epoch)
+  tx, schedule = optimizer_lib.make_optimizer(config.optimizer, steps_per_epoch, num_steps)
   feature_dim = feature_store.feature_dim(features_dir)
   init_inputs = dict(
       features=jax.ShapeDtypeStruct((batch_size, config.window, feature_dim), jnp.float32),

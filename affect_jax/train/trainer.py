@@ -43,11 +43,15 @@ class TrainState(struct.PyTreeNode):
   skipped_updates: jax.Array  # updates dropped because the loss or a gradient was not finite
 
 
-def make_mesh(mesh_axes):
-  """Mesh from (axis, size) pairs; one size may be -1 to take the remaining devices."""
+def make_mesh(mesh_axes, devices=None):
+  """Mesh from (axis, size) pairs; one size may be -1 to take the remaining devices.
+
+  `devices` defaults to every device of every process. `jax.make_mesh` orders them by the
+  accelerator topology (TPU slices); the axes are Auto so that Linen's logical constraints apply.
+  """
   names = tuple(name for name, _ in mesh_axes)
   sizes = [int(size) for _, size in mesh_axes]
-  devices = jax.devices()
+  devices = list(jax.devices() if devices is None else devices)
   if sizes.count(-1) > 1:
     raise ValueError(f"config.mesh={mesh_axes}: at most one axis may be -1")
   known = math.prod(s for s in sizes if s != -1)
@@ -57,8 +61,8 @@ def make_mesh(mesh_axes):
     sizes[sizes.index(-1)] = len(devices) // known
   if math.prod(sizes) != len(devices):
     raise ValueError(f"config.mesh={mesh_axes} needs {math.prod(sizes)} devices; there are {len(devices)}")
-  device_array = np.asarray(devices).reshape(sizes)
-  return jax.sharding.Mesh(device_array, names)
+  return jax.make_mesh(tuple(sizes), names, axis_types=(jax.sharding.AxisType.Auto,) * len(names),
+                       devices=devices)
 
 
 def batch_sharding(mesh):
@@ -77,24 +81,47 @@ def to_global_batch(local_batch, mesh):
       lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), local_batch)
 
 
+def process_batch_size(global_batch_size, mesh):
+  """Rows of each global batch that this process loads (global / processes on the usual meshes).
+
+  The batch is split over the mesh's 'data' and 'fsdp' axes; each process feeds the rows its own
+  devices hold. A mesh whose batch split does not give every process a distinct, equal share (a
+  'model' axis spanning hosts) would need replicated input pipelines, which the stages lack.
+  """
+  ways = mesh.shape["data"] * mesh.shape["fsdp"]
+  if global_batch_size % ways:
+    raise ValueError(f"Batch size {global_batch_size} is not divisible by the {ways} data-parallel "
+                     f"devices of mesh {dict(mesh.shape)}")
+  rows = batch_sharding(mesh).addressable_devices_indices_map((global_batch_size,)).values()
+  local = len({(s[0].start, s[0].stop) for s in rows}) * (global_batch_size // ways)
+  if local * jax.process_count() != global_batch_size:
+    raise ValueError(f"Mesh {dict(mesh.shape)} gives process {jax.process_index()} {local} of "
+                     f"{global_batch_size} batch rows; every one of the {jax.process_count()} "
+                     "processes must hold a distinct, equal share (put the 'model' axis within a host).")
+  return local
+
+
 def compute_dtype(config):
   return jnp.bfloat16 if config.dtype == "bfloat16" else jnp.float32
 
 
-def create_train_state(model, tx, init_inputs, rng, mesh, *, params_override=None):
-  """Initialises the model and optimiser directly into their shardings.
+def abstract_train_state(model, tx, init_inputs, rng, mesh, *, params_override=None):
+  """The train state's shapes and shardings, and the function that initialises it; no arrays made.
 
-  `init_inputs` are keyword arguments of `model.init` (arrays or ShapeDtypeStructs with the
-  per-device-free global shapes). `params_override(params, batch_stats)` may replace part of the
-  parameters (e.g. a pre-trained encoder) inside the jitted init.
-  Returns (state, state_shardings).
+  Returns (abstract state of ShapeDtypeStructs carrying their shardings, state shardings, init_fn)
+  where `init_fn(rng)` builds the state with logical-axis boxes still on the parameters.
+  Shardings follow `partitioning.LOGICAL_AXIS_RULES`; a dimension its mesh axes do not divide
+  (2 VA outputs over a 4-way 'model' axis) is replicated. The optimiser state inherits the
+  parameters' logical names, so Adam's moments are sharded like the parameters.
   """
-  init_inputs = jax.tree_util.tree_map(lambda x: jnp.zeros(x.shape, x.dtype), init_inputs)
+  input_shapes = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), init_inputs)
 
   def init_fn(rng):
+    # Dummy inputs are made inside the jitted init: never a whole global batch on one device.
+    inputs = jax.tree_util.tree_map(lambda x: jnp.zeros(x.shape, x.dtype), input_shapes)
     param_rng, dropout_rng, mask_rng = jax.random.split(rng, 3)
     variables = model.init({"params": param_rng, "dropout": dropout_rng, "mask": mask_rng},
-                           train=False, **init_inputs)
+                           train=False, **inputs)
     params = variables["params"]
     batch_stats = variables.get("batch_stats", {})
     if params_override is not None:
@@ -102,10 +129,23 @@ def create_train_state(model, tx, init_inputs, rng, mesh, *, params_override=Non
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
                       batch_stats=batch_stats, skipped_updates=jnp.zeros((), jnp.int32))
 
-  abstract = jax.eval_shape(init_fn, rng)
-  specs = nn.get_partition_spec(abstract)
-  with nn.logical_axis_rules(partitioning.LOGICAL_AXIS_RULES):
-    shardings = nn.logical_to_mesh_sharding(specs, mesh, partitioning.LOGICAL_AXIS_RULES)
+  boxed = jax.eval_shape(init_fn, rng)
+  shardings = partitioning.logical_shardings(mesh, boxed)
+  abstract = jax.tree_util.tree_map(
+      lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), nn.meta.unbox(boxed), shardings)
+  return abstract, shardings, init_fn
+
+
+def create_train_state(model, tx, init_inputs, rng, mesh, *, params_override=None):
+  """Initialises the model and optimiser directly into their shardings.
+
+  `init_inputs` are keyword arguments of `model.init` (arrays or ShapeDtypeStructs with the
+  global shapes). `params_override(params, batch_stats)` may replace part of the
+  parameters (e.g. a pre-trained encoder) inside the jitted init.
+  Returns (state, state_shardings).
+  """
+  _, shardings, init_fn = abstract_train_state(model, tx, init_inputs, rng, mesh,
+                                               params_override=params_override)
   state = jax.jit(lambda r: nn.meta.unbox(init_fn(r)), out_shardings=shardings)(rng)
   return state, shardings
 
@@ -122,7 +162,11 @@ def make_train_step(loss_fn, tx, state_shardings, mesh, seed):
     rng = jax.random.fold_in(base_rng, state.step)
     rngs = {"dropout": jax.random.fold_in(rng, 0), "mask": jax.random.fold_in(rng, 1)}
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
-    (loss, (metrics, batch_stats)), grads = grad_fn(state.params, state.batch_stats, batch, rngs)
+    # The models' nn.with_logical_constraint on activations (batch over data x fsdp) only binds
+    # under a mesh and the rules; without them XLA alone would choose activation layouts.
+    with jax.sharding.use_abstract_mesh(mesh.abstract_mesh), nn.logical_axis_rules(
+        partitioning.LOGICAL_AXIS_RULES):
+      (loss, (metrics, batch_stats)), grads = grad_fn(state.params, state.batch_stats, batch, rngs)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     finite = jnp.isfinite(loss) & jnp.all(jnp.asarray(

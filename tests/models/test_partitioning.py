@@ -127,6 +127,7 @@ print('RESULT' + json.dumps(result))
 '''
 
 
+@pytest.mark.slow
 def test_sharded_init_and_step_match_single_device():
   env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=8', JAX_PLATFORMS='cpu')
   proc = subprocess.run([sys.executable, '-c', SHARDED_SCRIPT], env=env, capture_output=True, text=True,

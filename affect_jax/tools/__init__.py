@@ -1,0 +1,1 @@
+"""Command-line tools around affect_jax (weight import)."""
