@@ -61,6 +61,13 @@ def stage_dir(workdir, stage):
   return os.path.join(workdir, STAGE_DIRS[stage])
 
 
+def output_dir(config, workdir):
+  """Where `config`'s stage writes; folds 1..4 of a temporal task get W/<task>_fold<K> so that
+  they never resume each other's checkpoints."""
+  fold = config.get("fold", 0) if config.stage in ("va", "expr", "au") else 0
+  return stage_dir(workdir, config.stage) + (f"_fold{fold}" if fold else "")
+
+
 def data_root(config, workdir):
   return config.data.root or os.path.join(workdir, "data")
 
@@ -74,7 +81,7 @@ def run(config, workdir):
     if e.name == module_name:
       raise SystemExit(f"Stage {config.stage!r} is not built yet ({module_name} does not exist).") from e
     raise
-  directory = stage_dir(workdir, config.stage)
+  directory = output_dir(config, workdir)
   logging.info("Running stage %s in %s", config.stage, directory)
   save_config(config, directory)
   return module.train_and_evaluate(config, workdir)

@@ -98,8 +98,7 @@ def _device_batch(batch, dtype):
 def train_and_evaluate(config, workdir):
   """Trains the temporal model for config.task and writes its validation scores."""
   task = tasks.TASKS[config.task]
-  # Folds 1..4 train in W/<task>_fold<K> so that they never resume each other's checkpoints.
-  out_dir = stages.stage_dir(workdir, config.stage) + (f"_fold{config.fold}" if config.fold else "")
+  out_dir = stages.output_dir(config, workdir)
   os.makedirs(out_dir, exist_ok=True)
   features_dir = ensure_features(config, workdir)
   train_src, val_src, test_src = fold_sources(config, features_dir, config.task)
