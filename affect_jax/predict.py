@@ -47,6 +47,7 @@ from affect_jax.data import pipelines
 from affect_jax.data import schema
 from affect_jax.data import segments
 from affect_jax.models import classifier as classifier_lib
+from affect_jax.train import mae_finetune
 from affect_jax.models import temporal as temporal_models
 from affect_jax.train import checkpointing
 from affect_jax.train import trainer
@@ -82,7 +83,8 @@ def _config_from_module(stage, arg):
 
 def _build(stage, config):
   if stage == "mae_finetune":
-    model = classifier_lib.classifier_from_config(config.model, len(schema.EXPR_CLASSES))
+    tasks = config.get("finetune_tasks") or config.get("upstream", {}).get("finetune_tasks") or ("expr",)
+    model = classifier_lib.classifier_from_config(config.model, mae_finetune.head_size(tuple(tasks)))
     size = config.model.image_size
     inputs = (jnp.zeros((1, size, size, 3)),)
   else:

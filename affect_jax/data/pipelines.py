@@ -368,18 +368,29 @@ def scan_expression_labels(frames_source: RandomAccessSource,
                      dtype=np.int64, count=len(frames_source))
 
 
+def _is_finetune_example(record: Mapping[str, Any], tasks: Sequence[str]) -> bool:
+  return _has_image(record) and any(bool(np.asarray(record[f"{t}_valid"])) for t in tasks)
+
+
 def _finetune_example(record: Mapping[str, Any], rng: np.random.Generator, *, image_size,
-                      crop_scale, skip_bad_images) -> dict[str, np.ndarray] | None:
-  if not _is_expression_example(record):
+                      crop_scale, skip_bad_images, tasks=("expr",)) -> dict[str, np.ndarray] | None:
+  if not _is_finetune_example(record, tasks):
     return None
   image = _decode_or_skip(record, "frames", skip_bad_images)
   if image is None:
     return None
-  return {
+  example = {
       "image": augment_face_image(image, image_size, crop_scale, rng),
       "label": np.int32(record["expr"]),
       "record_index": np.int64(record["record_index"]),
   }
+  if tuple(tasks) != ("expr",):
+    # Several tasks: every label with its mask (a frame may be labelled for some tasks only).
+    for task in ("expr", "va", "au"):
+      example[f"{task}_valid"] = np.bool_(task in tasks and bool(np.asarray(record[f"{task}_valid"])))
+    example["va"] = np.asarray(record["va"], np.float32)
+    example["au"] = np.asarray(record["au"], np.int32)
+  return example
 
 
 def finetune_frames_pipeline(frames_source: RandomAccessSource, *, batch_size: int,
@@ -388,8 +399,13 @@ def finetune_frames_pipeline(frames_source: RandomAccessSource, *, batch_size: i
                              class_balanced: bool = False, labels: np.ndarray | None = None,
                              num_workers: int = 0, read_threads: int = _DEFAULT_READ_THREADS,
                              skip_bad_images: bool = False, process_index: int | None = None,
-                             process_count: int | None = None) -> grain.DatasetIterator:
+                             process_count: int | None = None,
+                             tasks: Sequence[str] = ("expr",)) -> grain.DatasetIterator:
   """Endless augmented Aff-Wild2 frames with a face and a valid EXPR label.
+
+  With ``tasks`` naming more than EXPR (e.g. ``("expr", "va", "au")``), frames with a valid label
+  for any of them are used, and each example also carries ``va``, ``au`` and the three
+  ``*_valid`` masks.
 
   With ``class_balanced``, each class present gets its own shuffled, repeated stream and the
   streams are interleaved with equal weights: a frame is drawn with probability proportional to
@@ -418,7 +434,7 @@ def finetune_frames_pipeline(frames_source: RandomAccessSource, *, batch_size: i
     ds = streams[0] if len(streams) == 1 else grain.MapDataset.mix(streams)
   ds = ds.random_map(
       functools.partial(_finetune_example, image_size=image_size, crop_scale=tuple(crop_scale),
-                        skip_bad_images=skip_bad_images), seed=augment_seed)
+                        skip_bad_images=skip_bad_images, tasks=tuple(tasks)), seed=augment_seed)
   ds = ds.to_iter_dataset(_read_options(read_threads, 2 * batch_size))
   return _finish(ds.batch(batch_size, drop_remainder=True), num_workers)
 

@@ -20,6 +20,7 @@ from affect_jax.data import pipelines
 from affect_jax.data import schema
 from affect_jax.models import classifier as classifier_lib
 from affect_jax.train import checkpointing
+from affect_jax.train import mae_finetune
 from affect_jax.train import trainer
 
 
@@ -29,7 +30,8 @@ def _text(value):
 
 def encoder_features(config, workdir, mesh):
   """A function images -> features, with the fine-tuned encoder's parameters loaded."""
-  model = classifier_lib.classifier_from_config(config.model, len(schema.EXPR_CLASSES))
+  model = classifier_lib.classifier_from_config(
+      config.model, mae_finetune.head_size(tuple(config.upstream.finetune_tasks)))
   directory = trainer.upstream_checkpoint(config, workdir)
   params = checkpointing.restore_params(directory)["params"]
   logging.info("Extracting features with the encoder in %s", directory)

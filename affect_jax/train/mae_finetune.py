@@ -1,5 +1,10 @@
 """Fine-tuning the pre-trained encoder on Aff-Wild2 expression frames (paper §3.1).
 
+`config.finetune_tasks` names the labels trained on: ("expr",) is the paper's recipe; the
+synthetic default adds auxiliary VA (1 - CCC) and AU (BCE) outputs to the head, each loss on the
+frames valid for it, so that the per-frame features carry valence and arousal as well as the
+expression (validated on the 8 EXPR outputs either way).
+
 Starts from, in order: its own newest checkpoint in W/mae_finetune, the MAE checkpoint named by
 `config.init_from`, W/mae_pretrain (running pre-training first if it has no checkpoint). Validation:
 EXPR macro F1 over all 8 classes on every validation frame with a face and a valid label.
@@ -20,6 +25,34 @@ from affect_jax.models import classifier as classifier_lib
 from affect_jax.train import checkpointing
 from affect_jax.train import optimizer as optimizer_lib
 from affect_jax.train import trainer
+
+
+NUM_EXPR = len(schema.EXPR_CLASSES)
+KNOWN_TASKS = ("expr", "va", "au")
+
+
+def head_size(finetune_tasks):
+  """EXPR outputs first (the classifier's classes), then VA and AU when trained on."""
+  if "expr" not in finetune_tasks or not set(finetune_tasks) <= set(KNOWN_TASKS):
+    raise ValueError(f"config.finetune_tasks={finetune_tasks}: must include 'expr', subset of "
+                     f"{KNOWN_TASKS}")
+  return NUM_EXPR + (2 if "va" in finetune_tasks else 0) + (12 if "au" in finetune_tasks else 0)
+
+
+def finetune_loss(logits, batch, finetune_tasks, label_smoothing):
+  """Sum of the tasks' losses, each over the frames valid for it."""
+  if finetune_tasks == ("expr",):
+    valid = jnp.ones(batch["label"].shape, bool)
+    return losses.cross_entropy_loss(logits, batch["label"], valid, label_smoothing=label_smoothing)
+  start = {"expr": 0, "va": NUM_EXPR, "au": NUM_EXPR + 2 if "va" in finetune_tasks else NUM_EXPR}
+  total = losses.cross_entropy_loss(logits[:, :NUM_EXPR], batch["label"], batch["expr_valid"],
+                                    label_smoothing=label_smoothing)
+  if "va" in finetune_tasks:
+    total += losses.ccc_loss(logits[:, start["va"]:start["va"] + 2], batch["va"], batch["va_valid"])
+  if "au" in finetune_tasks:
+    total += losses.bce_loss(logits[:, start["au"]:start["au"] + 12], batch["au"].astype(jnp.float32),
+                             batch["au_valid"])
+  return total
 
 
 def count_expr_frames(paths, split):
@@ -44,7 +77,8 @@ def train_and_evaluate(config, workdir):
   train_src = datasets.open_source(paths, "affwild2/frames", "train")
   val_src = datasets.open_source(paths, "affwild2/frames", "validation")
   mesh = trainer.make_mesh(config.mesh)
-  num_classes = len(schema.EXPR_CLASSES)
+  finetune_tasks = tuple(config.finetune_tasks)
+  num_classes = head_size(finetune_tasks)
   model = classifier_lib.classifier_from_config(config.model, num_classes)
   batch_size = config.optimizer.batch_size
   local_batch = batch_size // jax.process_count()
@@ -60,19 +94,16 @@ def train_and_evaluate(config, workdir):
 
   def loss_fn(params, batch_stats, batch, rngs):
     out = model.apply({"params": params}, batch["image"], train=True, rngs=rngs)
-    valid = jnp.ones(batch["label"].shape, bool)
-    loss = losses.cross_entropy_loss(out["logits"], batch["label"], valid,
-                                     label_smoothing=config.label_smoothing)
-    accuracy = jnp.mean(out["logits"].argmax(-1) == batch["label"])
-    return loss, ({"accuracy": accuracy}, batch_stats)
+    return finetune_loss(out["logits"], batch, finetune_tasks, config.label_smoothing), (
+        {}, batch_stats)
 
   train_step = trainer.make_train_step(loss_fn, tx, shardings, mesh, config.seed)
   iterator = pipelines.finetune_frames_pipeline(
       train_src, batch_size=local_batch, image_size=size, seed=config.seed,
-      class_balanced=config.class_balanced, num_workers=config.num_workers)
+      class_balanced=config.class_balanced, num_workers=config.num_workers, tasks=finetune_tasks)
 
   def predict(state, batch):
-    return model.apply({"params": state.params}, batch["image"], train=False)["logits"]
+    return model.apply({"params": state.params}, batch["image"], train=False)["logits"][:, :NUM_EXPR]
 
   predict_fn = jax.jit(predict, in_shardings=(shardings, trainer.batch_sharding(mesh)),
                        out_shardings=trainer.replicated(mesh))
@@ -91,7 +122,7 @@ def train_and_evaluate(config, workdir):
 
   loop = trainer.Loop(
       config=config, workdir=out_dir, state=state,
-      train_step=lambda s, b: train_step(s, {"image": b["image"], "label": b["label"]}),
+      train_step=lambda s, b: train_step(s, {k: v for k, v in b.items() if k != "record_index"}),
       train_iterator=iterator, mesh=mesh, num_train_steps=num_steps, steps_per_epoch=steps_per_epoch,
       evaluate=evaluate, eval_every_steps=config.eval_every_steps, best_metric="expr_f1",
       schedule=schedule)
