@@ -22,9 +22,9 @@ def get_config(arg=None):
       warmup_epochs={"smoke": 0, "tiny": 0.25, "paper": 1}[size], epochs=epochs, batch_size=batch)
   config.optimizer.layer_decay = 0.75 if size == "paper" else 1.0
   config.num_train_steps = {"smoke": 3, "tiny": 400, "paper": -1}[size]
-  # Labels the head is trained on: the paper uses EXPR only; the synthetic default adds VA and AU
-  # outputs so that a few minutes of CPU training yield features that carry valence and arousal.
-  config.finetune_tasks = ("expr",) if size == "paper" else ("expr", "va", "au")
+  # Labels the head is trained on: EXPR only, as the paper. ("expr", "va", "au") adds auxiliary
+  # VA and AU outputs (on the synthetic default it gave lower validation P_VA: 0.39 vs 0.47).
+  config.finetune_tasks = ("expr",)
   config.class_balanced = False
   config.label_smoothing = 0.0
   config.init_from = ""  # empty: the upstream stage's workdir

@@ -1,9 +1,8 @@
 """Fine-tuning the pre-trained encoder on Aff-Wild2 expression frames (paper §3.1).
 
-`config.finetune_tasks` names the labels trained on: ("expr",) is the paper's recipe; the
-synthetic default adds auxiliary VA (1 - CCC) and AU (BCE) outputs to the head, each loss on the
-frames valid for it, so that the per-frame features carry valence and arousal as well as the
-expression (validated on the 8 EXPR outputs either way).
+`config.finetune_tasks` names the labels trained on: ("expr",) is the paper's recipe and the
+default; adding "va" and/or "au" appends auxiliary VA (1 - CCC) and AU (BCE) outputs to the head,
+each loss on the frames valid for it (validation uses the 8 EXPR outputs either way).
 
 Starts from, in order: its own newest checkpoint in W/mae_finetune, the MAE checkpoint named by
 `config.init_from`, W/mae_pretrain (running pre-training first if it has no checkpoint). Validation:
