@@ -2,11 +2,17 @@
 
 Each saved step is one Orbax composite with items `state` (the TrainState pytree) and `data` (the
 Grain iterator's state), written asynchronously. Orbax writes into a temporary folder and renames it
-when complete, so a half-written checkpoint is never listed. The last `keep` steps are preserved, and
-also the best step on the validation metric when one is named.
+when complete, so a half-written checkpoint is never listed; a retired step is renamed out of the
+listing (into `retired/`) before it is deleted, so a half-deleted one is never listed either. The
+last `keep` steps are preserved, and also the best step on the validation metric when one is named.
+
+On restore, a damaged checkpoint (missing or truncated file) is reported, moved to
+`<folder>.damaged/`, and the next older one is used; a checkpoint of another model shape is refused
+with the list of parameters that differ.
 """
 
 import os
+import shutil
 
 from absl import logging
 import grain
@@ -14,6 +20,10 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers
+
+
+# Sub-folder of a checkpoint folder where Orbax moves the steps it retires, before they are deleted.
+TRASH = "retired"
 
 
 class IncompatibleCheckpointError(ValueError):
@@ -51,9 +61,12 @@ class Checkpointer:
       policies.append(checkpoint_managers.BestN(
           get_metric_fn=lambda metrics: metrics[best_metric], reverse=best_mode == "min", n=1,
           keep_checkpoints_without_metrics=False))
+    # Old steps are renamed into TRASH (atomic) instead of deleted in place: a process killed in the
+    # middle of Orbax's recursive delete would leave a listed step that cannot be restored.
     options = ocp.CheckpointManagerOptions(
         preservation_policy=checkpoint_managers.AnyPreservationPolicy(policies),
-        enable_async_checkpointing=async_save, cleanup_tmp_directories=True)
+        enable_async_checkpointing=async_save, cleanup_tmp_directories=True, todelete_subdir=TRASH)
+    self._empty_trash()
     self.manager = ocp.CheckpointManager(
         self.directory, options=options,
         item_handlers={"state": ocp.StandardCheckpointHandler(),
@@ -74,7 +87,16 @@ class Checkpointer:
     if data_iterator is not None:
       items["data"] = grain.checkpoint.CheckpointSave(data_iterator)
     _assert_finite(state, step)
+    self._empty_trash()
     self.manager.save(step, args=ocp.args.Composite(**items), metrics=metrics, force=True)
+
+  def _empty_trash(self):
+    """Deletes the steps Orbax retired into TRASH (not a step name, so never listed or restored)."""
+    trash = os.path.join(self.directory, TRASH)
+    if jax.process_index() != 0 or not os.path.isdir(trash):
+      return
+    for name in os.listdir(trash):
+      shutil.rmtree(os.path.join(trash, name), ignore_errors=True)
 
   def wait(self):
     self.manager.wait_until_finished()
@@ -82,6 +104,7 @@ class Checkpointer:
   def close(self):
     self.manager.wait_until_finished()
     self.manager.close()
+    self._empty_trash()
 
   def restore(self, abstract_state, data_iterator=None, step=None):
     """Restores the newest complete checkpoint (or `step`); returns (step, state) or (None, None).
@@ -210,18 +233,29 @@ def _assert_finite(state, step):
 
 
 def restore_params(directory, abstract_params=None):
-  """Restores only the parameters (and batch stats) of the newest checkpoint in `directory`.
+  """The `state` pytree (params, batch stats, ...) of the newest restorable checkpoint in `directory`.
 
-  Used to start a stage from the previous stage's result. Returns the raw pytree of `state`.
+  Used to start a stage from the previous stage's result. A damaged newest checkpoint is reported
+  and the next older one used (the folder belongs to the other stage, so nothing is moved).
   """
   checkpointer = Checkpointer(directory, async_save=False)
   try:
-    step = checkpointer.latest_step()
-    if step is None:
+    steps = list(reversed(checkpointer.all_steps()))
+    if not steps:
       raise FileNotFoundError(f"No checkpoint in {directory}")
-    restored = checkpointer.manager.restore(
-        step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_params)))
-    logging.info("Loaded %s step %d", directory, step)
-    return restored["state"]
+    damaged = []
+    for step in steps:
+      where = os.path.join(checkpointer.directory, str(step))
+      try:
+        restored = checkpointer.manager.restore(
+            step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_params)))
+      except Exception as e:  # pylint: disable=broad-except
+        problem = describe_damage(where, e)
+        logging.warning("Checkpoint %s is damaged (%s); trying an older one.", where, problem)
+        damaged.append(f"step {step}: {problem}")
+        continue
+      logging.info("Loaded %s step %d", directory, step)
+      return restored["state"]
+    raise DamagedCheckpointError(f"Every checkpoint in {directory} is damaged:\n  " + "\n  ".join(damaged))
   finally:
     checkpointer.close()

@@ -4,8 +4,8 @@ r"""`affect_jax.main` with test-only hooks, for the fault-injection tests.
 
 runs exactly what `python -m affect_jax.main` runs, plus, driven by environment variables:
 
-  AFFECT_JAX_TEST_EVENTS=FILE   appends one JSON line per event to FILE: `batch` (the step it trains
-                                and the SHA-256 of the global batch it sees), `eval_start`,
+  AFFECT_JAX_TEST_EVENTS=FILE   appends one JSON line per event to FILE: `batch` (the stage, the step it
+                                trains and the SHA-256 of the global batch it sees), `eval_start`,
                                 `eval_end`, `save` (issued; the write goes on in the background).
   AFFECT_JAX_TEST_KILL=P:N:D    SIGKILLs this process D seconds after the N-th event of phase P
                                 (batch, eval, save) of this process. For `eval` the kill is sure to
@@ -81,21 +81,21 @@ _original_save = checkpointing.Checkpointer.save
 
 
 def _run_loop(loop, writer):
-  train_step, evaluate = loop.train_step, loop.evaluate
+  train_step, evaluate, stage = loop.train_step, loop.evaluate, loop.config.stage
 
   def logged_step(state, batch):
     step = int(jax.device_get(state.step)) + 1
-    _event("batch", step=step, sha=batch_digest(batch))
+    _event("batch", stage=stage, step=step, sha=batch_digest(batch))
     _maybe_kill("batch")
     return train_step(state, batch)
 
   def logged_evaluate(state, step):
-    _event("eval_start", step=step)
+    _event("eval_start", stage=stage, step=step)
     armed = _maybe_kill("eval")
     result = evaluate(state, step)
     if armed:
       time.sleep(3600)  # the armed SIGKILL lands before this evaluation returns
-    _event("eval_end", step=step)
+    _event("eval_end", stage=stage, step=step)
     return result
 
   loop.train_step = logged_step

@@ -1,6 +1,6 @@
-"""Checkpoints: resume names, damaged checkpoints, incompatible configs, non-finite values.
+"""The Checkpointer: parameter names, damaged checkpoints, incompatible configs, no NaN saved.
 
-Everything runs the shared trainer loop (`trainer.run_loop`) in-process on a tiny
+Checkpoints come from the shared trainer loop (`trainer.run_loop`) run in-process on a tiny
 Dense -> BatchNorm -> Dense regressor (tests/conftest.py), so each case takes a second or two.
 """
 
@@ -12,11 +12,10 @@ import shutil
 import jax
 import numpy as np
 import pytest
-from tensorboard.backend.event_processing import event_accumulator
-from tensorboard.util import tensor_util
 
 from affect_jax.train import checkpointing
-from conftest import assert_trees_equal, run_tiny, tiny_examples, tiny_loop
+from conftest import (assert_trees_equal, run_tiny, step_folders, tiny_examples, tiny_iterator,
+                      tiny_loop)
 
 
 def abstract_of(state):
@@ -24,36 +23,25 @@ def abstract_of(state):
       lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
 
 
-def restore_latest(workdir, **loop_kwargs):
+_ABSTRACT = {}
+
+
+def restore_latest(workdir):
   """(step, state as numpy) of the newest restorable checkpoint, read as the loop reads it."""
-  loop = tiny_loop(workdir, num_train_steps=1, **loop_kwargs)
+  if "state" not in _ABSTRACT:
+    _ABSTRACT["state"] = abstract_of(tiny_loop(workdir, num_train_steps=1).state)
   checkpointer = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"))
   try:
-    step, state = checkpointer.restore(abstract_of(loop.state), loop.train_iterator)
+    step, state = checkpointer.restore(_ABSTRACT["state"], tiny_iterator(tiny_examples()))
   finally:
     checkpointer.close()
   return step, jax.device_get(state)
 
 
-@pytest.fixture(scope="module")
-def reference(tmp_path_factory):
-  """An uninterrupted 6-step run (checkpoint every step, the last 3 kept)."""
-  workdir = tmp_path_factory.mktemp("reference")
-  return workdir, run_tiny(workdir, num_train_steps=6)
-
-
-@pytest.fixture(scope="module")
-def four_steps(tmp_path_factory):
-  """A run stopped after step 4: checkpoints 2, 3, 4."""
-  workdir = tmp_path_factory.mktemp("four_steps")
-  run_tiny(workdir, num_train_steps=4)
-  return str(workdir)
-
-
-def test_saved_names_match_the_live_state_and_resume_is_exact(reference, four_steps, tmp_path):
+def test_saved_names_match_the_live_state_and_resume_is_exact(tiny_reference, four_steps, tmp_path):
   # Orbax's metadata spells paths as dicts/lists ('opt_state/1/mu/...'), the live TrainState as
   # attributes/tuples; the compatibility check must see them as the same parameters.
-  _, expected = reference
+  expected = tiny_reference
   checkpointer = checkpointing.Checkpointer(os.path.join(four_steps, "checkpoints"))
   saved = checkpointer.item_shapes(4)
   checkpointer.close()
@@ -80,7 +68,7 @@ def test_incompatible_checkpoint_is_refused_naming_the_parameters(four_steps, tm
   differing = [line for line in message.splitlines() if ": checkpoint (" in line]
   # hidden kernel+bias, norm scale+bias, out kernel: in params, mu and nu; plus 2 batch stats.
   assert len(differing) == 5 * 3 + 2
-  assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["2", "3", "4"]  # untouched
+  assert step_folders(os.path.join(workdir, "checkpoints")) == ["2", "3", "4"]  # untouched
 
 
 def _truncate(path):
@@ -113,7 +101,7 @@ def test_every_file_of_the_newest_checkpoint_truncated_or_deleted(four_steps, tm
       warning = " ".join(r.getMessage() for r in caplog.records)
       assert f"Checkpoint {workdir}/checkpoints/4 is damaged (" in warning
       assert f"Moved damaged checkpoint {workdir}/checkpoints/4 to {workdir}/checkpoints.damaged/4" in warning
-      assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["2", "3"]
+      assert step_folders(os.path.join(workdir, "checkpoints")) == ["2", "3"]
       with open(os.path.join(workdir, "checkpoints.damaged", "4", "DAMAGED.txt")) as f:
         assert f.read().strip() in warning
       outcomes[(name, damage)] = "fell back"
@@ -137,18 +125,6 @@ def test_missing_file_is_named_in_the_warning(four_steps, tmp_path, caplog):
              in r.getMessage() for r in caplog.records)
 
 
-def test_damaged_newest_checkpoint_run_continues_from_the_previous_one(reference, four_steps,
-                                                                         tmp_path):
-  _, expected = reference
-  workdir = shutil.copytree(four_steps, tmp_path / "w")
-  for path in glob.glob(os.path.join(workdir, "checkpoints", "4", "state", "d", "*")):
-    _truncate(path)
-  resumed = run_tiny(workdir, num_train_steps=6)  # saves step 4 again: no collision
-  assert_trees_equal(resumed, expected)
-  assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["4", "5", "6"]
-  assert os.listdir(os.path.join(workdir, "checkpoints.damaged")) == ["4"]
-
-
 def test_all_checkpoints_damaged_is_an_error_and_moves_nothing(four_steps, tmp_path):
   workdir = shutil.copytree(four_steps, tmp_path / "w")
   for step in ("2", "3", "4"):
@@ -158,61 +134,7 @@ def test_all_checkpoints_damaged_is_an_error_and_moves_nothing(four_steps, tmp_p
   message = str(error.value)
   assert f"Every checkpoint in {workdir}/checkpoints is damaged" in message
   assert all(f"step {s}: missing state/_METADATA" in message for s in (2, 3, 4))
-  assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["2", "3", "4"]
-
-
-# ---------------------------------------------------------------------------------------------
-# Non-finite values. Batches are in order (no shuffle): examples 2k-2, 2k-1 train step k.
-
-
-def _all_checkpoints(workdir):
-  directory = os.path.join(workdir, "checkpoints")
-  checkpointer = checkpointing.Checkpointer(directory)
-  try:
-    return {step: jax.device_get(checkpointer.manager.restore(
-        step, args=checkpointing.ocp.args.Composite(
-            state=checkpointing.ocp.args.StandardRestore()))["state"])
-            for step in checkpointer.all_steps()}
-  finally:
-    checkpointer.close()
-
-
-def _all_finite(tree):
-  return all(np.isfinite(np.asarray(x)).all() for x in jax.tree_util.tree_leaves(tree)
-             if np.issubdtype(np.asarray(x).dtype, np.floating))
-
-
-@pytest.mark.parametrize("bad", ["nan", "inf"])
-def test_nonfinite_loss_stops_training_naming_the_step(tmp_path, bad):
-  examples = tiny_examples(nan_at=[4] if bad == "nan" else [], inf_at=[5] if bad == "inf" else [])
-  with pytest.raises(FloatingPointError,
-                     match=r"Non-finite loss or gradient at step 3 of stage tiny \(loss=(nan|inf)\)"):
-    run_tiny(tmp_path, num_train_steps=6, examples=examples, shuffle_seed=None)
-  saved = _all_checkpoints(str(tmp_path))
-  assert sorted(saved) == [1, 2]  # step 3 was never applied, so never saved
-  assert all(_all_finite(state) for state in saved.values())
-
-
-def test_nonfinite_skip_drops_and_counts_the_updates(tmp_path):
-  examples = tiny_examples(nan_at=[4], inf_at=[9])  # steps 3 and 5
-  final = run_tiny(tmp_path, num_train_steps=6, examples=examples, shuffle_seed=None,
-                   on_nonfinite="skip", keep_checkpoints=6)
-  assert int(final.step) == 6 and int(final.skipped_updates) == 2
-  saved = _all_checkpoints(str(tmp_path))
-  assert sorted(saved) == [1, 2, 3, 4, 5, 6]
-  assert all(_all_finite(state) for state in saved.values())
-  # A skipped update leaves parameters, optimiser and batch statistics as they were.
-  for before, after in ((2, 3), (4, 5)):
-    for part in ("params", "opt_state", "batch_stats"):
-      assert_trees_equal(saved[after][part], saved[before][part])
-    assert int(saved[after]["skipped_updates"]) == int(saved[before]["skipped_updates"]) + 1
-  assert not np.array_equal(saved[4]["params"]["out"]["kernel"], saved[3]["params"]["out"]["kernel"])
-  # The count reaches TensorBoard (logged every 2 steps).
-  events = event_accumulator.EventAccumulator(str(tmp_path), size_guidance={"tensors": 0})
-  events.Reload()
-  counts = {e.step: float(tensor_util.make_ndarray(e.tensor_proto))
-            for e in events.Tensors("train/skipped_updates")}
-  assert counts == {2: 0.0, 4: 1.0, 6: 2.0}
+  assert step_folders(os.path.join(workdir, "checkpoints")) == ["2", "3", "4"]
 
 
 def test_checkpointer_refuses_to_save_non_finite_values(tmp_path):
@@ -226,3 +148,40 @@ def test_checkpointer_refuses_to_save_non_finite_values(tmp_path):
     checkpointer.save(7, state, loop.train_iterator)
   checkpointer.close()
   assert checkpointer.all_steps() == []
+
+
+def test_upstream_restore_falls_back_and_leaves_the_folder_alone(four_steps, tmp_path, caplog):
+  # restore_params is how a stage loads the previous stage's result (MAE -> fine-tuning -> features).
+  workdir = shutil.copytree(four_steps, tmp_path / "w")
+  directory = os.path.join(workdir, "checkpoints")
+  intact = jax.device_get(checkpointing.restore_params(directory))
+  os.remove(os.path.join(directory, "4", "state", "_METADATA"))
+  with caplog.at_level(logging.WARNING):
+    fallback = jax.device_get(checkpointing.restore_params(directory))
+  assert int(intact["step"]) == 4 and int(fallback["step"]) == 3
+  assert any(f"Checkpoint {directory}/4 is damaged (missing state/_METADATA" in r.getMessage()
+             for r in caplog.records)
+  assert step_folders(directory) == ["2", "3", "4"]
+  for step in ("2", "3"):
+    os.remove(os.path.join(directory, step, "state", "_METADATA"))
+  with pytest.raises(checkpointing.DamagedCheckpointError, match=f"Every checkpoint in {directory} is damaged"):
+    checkpointing.restore_params(directory)
+
+
+def test_retired_steps_leave_the_listing_atomically(tmp_path, caplog):
+  # Orbax deletes a retired step file by file; SIGKILL in the middle used to leave a listed step
+  # without state/_METADATA. Retired steps are now renamed out of the listing first.
+  with caplog.at_level(logging.INFO):
+    run_tiny(tmp_path, num_train_steps=5)
+  directory = os.path.join(tmp_path, "checkpoints")
+  renamed = [r.getMessage() for r in caplog.records if r.getMessage().startswith("Renamed step")]
+  assert renamed == [f"Renamed step {s} to {directory}/{checkpointing.TRASH}/{s}" for s in (1, 2)]
+  assert step_folders(directory) == ["3", "4", "5"]
+  assert os.listdir(os.path.join(directory, checkpointing.TRASH)) == []  # emptied on close
+  # A delete killed half-way leaves debris only inside the trash, which the next start empties.
+  debris = os.path.join(directory, checkpointing.TRASH, "2", "state", "d")
+  os.makedirs(debris)
+  open(os.path.join(debris, "leftover"), "w").close()
+  checkpointing.Checkpointer(directory).close()
+  assert os.listdir(os.path.join(directory, checkpointing.TRASH)) == []
+  assert step_folders(directory) == ["3", "4", "5"]

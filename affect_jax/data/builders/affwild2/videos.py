@@ -55,6 +55,9 @@ def plan_labelled_split(layout: layout_lib.Layout, split: str, bad_data: BadData
       bad_data.report(first_file, None, _no_image_folder(video_id))
       continue
     face_images = layout_lib.face_image_paths(layout.image_dirs[video_id], bad_data)
+    if not face_images:
+      bad_data.report(layout.image_dirs[video_id], None, "video folder has no face images")
+      continue
     num_frames = max([a.num_lines for a in labels.values()] + list(face_images))
     plans.append(VideoPlan(video_id, num_frames, labels, face_images))
   return _require_videos(plans, split, layout)
