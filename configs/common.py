@@ -159,6 +159,7 @@ def vit_config(size):
   vit.dropout = 0.0
   vit.drop_path = 0.1 if size == "paper" else 0.0
   vit.layer_norm_eps = 1e-6
+  vit.remat = False  # recompute encoder blocks in the backward pass (memory: experiments/RESULTS_scale.md)
   vit.mask_ratio = MASK_RATIO
   vit.norm_pix_loss = True
   vit.update(MAE_DECODER if size == "paper" else dict(decoder_width=64, decoder_depth=2, decoder_heads=4))

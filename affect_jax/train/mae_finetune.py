@@ -101,22 +101,28 @@ def train_and_evaluate(config, workdir):
       train_src, batch_size=local_batch, image_size=size, seed=config.seed,
       class_balanced=config.class_balanced, num_workers=config.num_workers, tasks=finetune_tasks)
 
-  def predict(state, batch):
-    return model.apply({"params": state.params}, batch["image"], train=False)["logits"][:, :NUM_EXPR]
+  replicated = trainer.replicated(mesh)
 
-  predict_fn = jax.jit(predict, in_shardings=(shardings, trainer.batch_sharding(mesh)),
-                       out_shardings=trainer.replicated(mesh))
+  def eval_stats(state, batch):
+    logits = model.apply({"params": state.params}, batch["image"], train=False)["logits"][:, :NUM_EXPR]
+    return metrics.expr_stats(logits, batch["expr"], batch["valid"] & batch["has_face"] & batch["expr_valid"])
+
+  # One jitted function per batch with a replicated result, so every process runs the same
+  # collectives in the same order (eager ops on global arrays can interleave differently).
+  eval_stats_fn = jax.jit(eval_stats, in_shardings=(shardings, trainer.batch_sharding(mesh)),
+                          out_shardings=replicated)
+  merge_fn = jax.jit(metrics.merge, out_shardings=replicated)
+  empty_fn = jax.jit(lambda: metrics.empty("expr"), out_shardings=replicated)
   writer = trainer.create_writer(out_dir)
 
   def evaluate(state, step):
-    stats = metrics.empty("expr")
+    del step
+    stats = empty_fn()
     for batch in pipelines.eval_frames_pipeline(val_src, batch_size=local_batch, image_size=size):
       device = trainer.to_global_batch(
           {k: batch[k] for k in ("image", "expr", "expr_valid", "has_face", "valid")}, mesh)
-      logits = predict_fn(state, device)
-      valid = device["valid"] & device["has_face"] & device["expr_valid"]
-      stats = stats.merge(metrics.expr_stats(logits, device["expr"], valid))
-    scores = metrics.compute(stats)
+      stats = merge_fn(stats, eval_stats_fn(state, device))
+    scores = metrics.compute(jax.device_get(stats))
     return {"expr_f1": scores["expr_f1"], "expr_accuracy": scores["expr_accuracy"]}
 
   loop = trainer.Loop(

@@ -81,26 +81,6 @@ def to_global_batch(local_batch, mesh):
       lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), local_batch)
 
 
-def process_batch_size(global_batch_size, mesh):
-  """Rows of each global batch that this process loads (global / processes on the usual meshes).
-
-  The batch is split over the mesh's 'data' and 'fsdp' axes; each process feeds the rows its own
-  devices hold. A mesh whose batch split does not give every process a distinct, equal share (a
-  'model' axis spanning hosts) would need replicated input pipelines, which the stages lack.
-  """
-  ways = mesh.shape["data"] * mesh.shape["fsdp"]
-  if global_batch_size % ways:
-    raise ValueError(f"Batch size {global_batch_size} is not divisible by the {ways} data-parallel "
-                     f"devices of mesh {dict(mesh.shape)}")
-  rows = batch_sharding(mesh).addressable_devices_indices_map((global_batch_size,)).values()
-  local = len({(s[0].start, s[0].stop) for s in rows}) * (global_batch_size // ways)
-  if local * jax.process_count() != global_batch_size:
-    raise ValueError(f"Mesh {dict(mesh.shape)} gives process {jax.process_index()} {local} of "
-                     f"{global_batch_size} batch rows; every one of the {jax.process_count()} "
-                     "processes must hold a distinct, equal share (put the 'model' axis within a host).")
-  return local
-
-
 def compute_dtype(config):
   return jnp.bfloat16 if config.dtype == "bfloat16" else jnp.float32
 
