@@ -248,7 +248,7 @@ def jax_cache_dir(tmp_path_factory):
 
 
 # Number of SIGKILLs per resumed run (issue 9 asks for 10; 5 keeps the default suite short).
-NUM_KILLS = int(os.environ.get("AFFECT_JAX_TEST_KILLS", "5"))
+NUM_KILLS = int(os.environ.get("AFFECT_JAX_TEST_KILLS", "10"))
 # Enough steps that every planned kill lands before the run ends: a killed run advances at most 8
 # steps (test_resume.kill_plan), 6.4 on average over its phases.
 NUM_TRAIN_STEPS = 6 * NUM_KILLS + 6

@@ -8,7 +8,7 @@ training batch (SHA-256 per step, including the steps trained again after a kill
 train state (parameters, optimiser state, step) must be identical, and after every kill every
 checkpoint Orbax lists must restore.
 
-AFFECT_JAX_TEST_KILLS (default 5) sets the number of kills per run; issue 9's protocol is 10.
+AFFECT_JAX_TEST_KILLS (default 10, issue 9's protocol) sets the number of kills per run.
 """
 
 import json
