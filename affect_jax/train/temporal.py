@@ -51,12 +51,12 @@ def ensure_features(config, workdir):
 
 def fold_sources(config, features_dir, task):
   """(train, validation, test or None) sources of the videos labelled for `task` in this fold."""
-  splits = {}
+  splits, labelled = {}, {}
   for split in ("train", "validation"):
     source = feature_store.open_feature_store(features_dir, split)
-    splits[split] = (source, [_video_id(r) for r in source])
-  labelled = {split: [(i, vid) for i, vid in enumerate(ids) if bool(src[i][f"labels_{task}"])]
-              for split, (src, ids) in splits.items()}
+    splits[split] = source
+    # One pass over the records (each read carries the features): id and task flag together.
+    labelled[split] = [(i, _video_id(r)) for i, r in enumerate(source) if bool(r[f"labels_{task}"])]
   train_ids = [vid for _, vid in labelled["train"]]
   val_ids = [vid for _, vid in labelled["validation"]]
   fold_train, fold_val = folds.fold_videos(train_ids, val_ids, config.fold, config.num_folds, config.seed)
@@ -65,7 +65,7 @@ def fold_sources(config, features_dir, task):
   def subset(ids):
     # Both official splits may contribute to a fold; chain them as one source.
     records = [(where[vid][0], where[vid][1]) for vid in sorted(ids)]
-    return _ChainedSource({s: splits[s][0] for s in splits}, records)
+    return _ChainedSource(splits, records)
 
   test = None
   try:
