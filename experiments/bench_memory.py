@@ -21,9 +21,9 @@ scheduler does). Hence a second, compiler-independent estimate from the program 
              jax.eval_shape), per sample times this device's share of the batch
   estimate   state + gradients + residuals + the image batch shard: a lower bound of the peak
 
-Rematerialisation modes: none; encoder (config `model.remat=True`: each ViT encoder block is
-recomputed in the backward pass); all (encoder and MAE decoder blocks; the decoder has no such
-option yet, so this script wraps `vit.Block` in `nn.remat` to measure the proposal).
+Rematerialisation modes: none; encoder (`model.remat=True, model.decoder_remat=False`: each ViT
+encoder block is recomputed in the backward pass); all (`model.remat=True`, which rematerialises
+the MAE decoder blocks too: the model's default when remat is on).
 A card "fits" when a figure is at most 95% of 24 GiB (XLA_PYTHON_CLIENT_MEM_FRACTION=0.95; JAX
 preallocates 75% by default).
 """
@@ -38,17 +38,13 @@ if "jax" not in sys.modules:  # faked devices must be requested before jax start
   os.environ.setdefault("JAX_PLATFORMS", "cpu")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import contextlib  # pylint: disable=g-import-not-at-top
-
-from absl import app
+from absl import app  # pylint: disable=g-import-not-at-top
 from absl import flags
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from affect_jax.models import mae as mae_lib
-from affect_jax.models import vit
 from affect_jax.train import optimizer as optimizer_lib
 from affect_jax.train import trainer
 from configs import mae_pretrain
@@ -71,25 +67,14 @@ _COMPILE = flags.DEFINE_bool("compile", True, "Also compile (slow) for memory_an
 _OUT = flags.DEFINE_string("out", "", "Append one JSON line per case to this file.")
 
 
-@contextlib.contextmanager
-def decoder_remat(enabled):
-  """Rematerialises every `vit.Block` (the MAE decoder's too) while active."""
-  original = vit.Block
-  if enabled:
-    vit.Block = nn.remat(original, static_argnums=(2,))
-  try:
-    yield
-  finally:
-    vit.Block = original
-
-
 def build(case, remat, dtype):
   """(config, model, optimiser, mesh) of one case."""
   variant, num_devices, mesh_axes = CASES[case]
   config = mae_pretrain.get_config("size=paper")
   config.dtype = dtype
   config.model.variant = variant
-  config.model.remat = remat == "encoder"  # read by vit.vit_kwargs_from_config
+  config.model.remat = remat in ("encoder", "all")  # read by vit.vit_kwargs_from_config
+  config.model.decoder_remat = remat == "all"  # read by mae.mae_from_config
   model = mae_lib.mae_from_config(config.model)
   tx, _ = optimizer_lib.make_optimizer(config.optimizer, steps_per_epoch=1000)
   mesh = trainer.make_mesh(mesh_axes, jax.devices()[:num_devices])
@@ -122,39 +107,38 @@ def shard_bytes(abstract):
 
 def measure(case, remat, dtype, compile_step):
   """One case's per-device memory; returns a dict (GiB, seconds)."""
-  with decoder_remat(remat == "all"):
-    config, model, tx, mesh = build(case, remat, dtype)
-    batch_size, size = config.optimizer.batch_size, config.model.image_size
-    image = jax.ShapeDtypeStruct((batch_size, size, size, 3), jnp.float32)
-    start = time.time()
-    abstract, shardings, _ = trainer.abstract_train_state(
-        model, tx, dict(images=image), jax.random.key(0), mesh)
-    batch = {"image": jax.ShapeDtypeStruct(image.shape, image.dtype, sharding=trainer.batch_sharding(mesh))}
-    local_batch = batch_size // (mesh.shape["data"] * mesh.shape["fsdp"])
-    state = shard_bytes(abstract)
-    gradients = shard_bytes(abstract.params)
-    residuals = residual_bytes_per_sample(model, size) * local_batch
-    estimate = state + gradients + residuals + shard_bytes(batch)
-    result = {
-        "case": case, "variant": f"ViT-{CASES[case][0]}/16", "devices": len(mesh.devices.flat),
-        "mesh": dict(mesh.shape), "dtype": dtype, "remat": remat, "global_batch": batch_size,
-        "params_millions": round(sum(x.size for x in jax.tree_util.tree_leaves(abstract.params)) / 1e6, 1),
-        "state_gib": round(state / GIB, 2), "gradients_gib": round(gradients / GIB, 2),
-        "residuals_gib": round(residuals / GIB, 2), "estimate_gib": round(estimate / GIB, 2),
-        "estimate_fits_24gb": estimate <= USABLE_FRACTION * CARD_BYTES,
-    }
-    if not compile_step:
-      return result
+  config, model, tx, mesh = build(case, remat, dtype)
+  batch_size, size = config.optimizer.batch_size, config.model.image_size
+  image = jax.ShapeDtypeStruct((batch_size, size, size, 3), jnp.float32)
+  start = time.time()
+  abstract, shardings, _ = trainer.abstract_train_state(
+      model, tx, dict(images=image), jax.random.key(0), mesh)
+  batch = {"image": jax.ShapeDtypeStruct(image.shape, image.dtype, sharding=trainer.batch_sharding(mesh))}
+  local_batch = batch_size // (mesh.shape["data"] * mesh.shape["fsdp"])
+  state = shard_bytes(abstract)
+  gradients = shard_bytes(abstract.params)
+  residuals = residual_bytes_per_sample(model, size) * local_batch
+  estimate = state + gradients + residuals + shard_bytes(batch)
+  result = {
+      "case": case, "variant": f"ViT-{CASES[case][0]}/16", "devices": len(mesh.devices.flat),
+      "mesh": dict(mesh.shape), "dtype": dtype, "remat": remat, "global_batch": batch_size,
+      "params_millions": round(sum(x.size for x in jax.tree_util.tree_leaves(abstract.params)) / 1e6, 1),
+      "state_gib": round(state / GIB, 2), "gradients_gib": round(gradients / GIB, 2),
+      "residuals_gib": round(residuals / GIB, 2), "estimate_gib": round(estimate / GIB, 2),
+      "estimate_fits_24gb": estimate <= USABLE_FRACTION * CARD_BYTES,
+  }
+  if not compile_step:
+    return result
 
-    def loss_fn(params, batch_stats, batch, rngs):  # as in train/mae_pretrain.py
-      out = model.apply({"params": params}, batch["image"], train=True, rngs=rngs)
-      return out["loss"], ({}, batch_stats)
+  def loss_fn(params, batch_stats, batch, rngs):  # as in train/mae_pretrain.py
+    out = model.apply({"params": params}, batch["image"], train=True, rngs=rngs)
+    return out["loss"], ({}, batch_stats)
 
-    step = trainer.make_train_step(loss_fn, tx, shardings, mesh, config.seed)
-    lowered = step.lower(abstract, batch)
-    lowered_at = time.time()
-    compiled = lowered.compile()
-    compiled_at = time.time()
+  step = trainer.make_train_step(loss_fn, tx, shardings, mesh, config.seed)
+  lowered = step.lower(abstract, batch)
+  lowered_at = time.time()
+  compiled = lowered.compile()
+  compiled_at = time.time()
   memory = compiled.memory_analysis()
   peak = (memory.argument_size_in_bytes + memory.output_size_in_bytes - memory.alias_size_in_bytes
           + memory.temp_size_in_bytes)

@@ -10,6 +10,8 @@ import json
 import os
 
 from absl import logging
+import jax
+from jax.experimental import multihost_utils
 import tensorflow_datasets as tfds
 
 from affect_jax.data import builders
@@ -78,7 +80,29 @@ def locate(config, workdir):
 
 
 def prepare(config, workdir, *, faces=False):
-  """Builds (or reuses) the Aff-Wild2 TFDS datasets, and the face datasets when `faces`."""
+  """Builds (or reuses) the Aff-Wild2 TFDS datasets, and the face datasets when `faces`.
+
+  Several processes (jax.distributed): process 0 generates the synthetic data (when configured)
+  and builds the datasets while the others wait at a barrier
+  (`multihost_utils.sync_global_devices`); then the others open what process 0 built. Where
+  they cannot see it (each host has its own disk, not a shared filesystem), each builds its own
+  copy into the same path; generation and building are deterministic, so every copy is the same.
+  Every process must call this (it is a collective).
+  """
+  if jax.process_count() == 1:
+    return _prepare(config, workdir, faces)
+  if jax.process_index() == 0:
+    paths = _prepare(config, workdir, faces)
+    multihost_utils.sync_global_devices("datasets prepared by process 0")
+    return paths
+  multihost_utils.sync_global_devices("datasets prepared by process 0")
+  if not os.path.exists(os.path.join(data_root(config, workdir), "tfds")):
+    logging.info("Process %d does not see the datasets process 0 built (no shared filesystem): "
+                 "building its own copy.", jax.process_index())
+  return _prepare(config, workdir, faces)
+
+
+def _prepare(config, workdir, faces):
   paths = locate(config, workdir)
   for view in ("frames", "videos"):
     builders.build("affwild2", paths.affwild2_dir, paths.tfds_dir, view, bad_data=config.data.bad_data)

@@ -105,6 +105,10 @@ class MaskedAutoencoder(nn.Module):
       (official: 512, 8, 16, 4 * 512).
     norm_pix_loss: regress per-patch normalised pixels.
     dtype: compute dtype of the decoder (the encoder has its own).
+    decoder_remat: rematerialise each decoder block in the backward pass; None
+      (default) follows the encoder's ``remat``. At the paper's size most of the
+      activations kept for the backward pass are the decoder's (197 tokens x 8
+      blocks), so encoder-only remat saves little (experiments/RESULTS_scale.md).
 
   The masking noise comes from the 'mask' RNG stream unless ``noise`` [B, N] is
   given (HF ViTMAEForPreTraining's ``noise`` argument, for parity tests).
@@ -118,6 +122,7 @@ class MaskedAutoencoder(nn.Module):
   decoder_mlp_dim: int = 2048
   norm_pix_loss: bool = False
   dtype: Any = jnp.float32
+  decoder_remat: bool | None = None
 
   def setup(self):
     if not 0.0 <= self.mask_ratio < 1.0:
@@ -126,9 +131,11 @@ class MaskedAutoencoder(nn.Module):
     self.mask_token = self.param(
         'mask_token', vit.partitioned(nn.initializers.normal(0.02), (P.EMBED,)),
         (self.decoder_width,), jnp.float32)
+    remat = self.encoder.remat if self.decoder_remat is None else self.decoder_remat
+    block_cls = nn.remat(vit.Block, static_argnums=(2,)) if remat else vit.Block  # as the encoder's
     self.decoder_blocks = [
-        vit.Block(self.decoder_heads, self.decoder_mlp_dim, layer_norm_eps=self.encoder.layer_norm_eps,
-                  dtype=self.dtype)
+        block_cls(self.decoder_heads, self.decoder_mlp_dim,
+                  layer_norm_eps=self.encoder.layer_norm_eps, dtype=self.dtype)
         for _ in range(self.decoder_depth)
     ]
     self.decoder_norm = vit.layer_norm(self.encoder.layer_norm_eps, self.dtype, 'decoder_norm')
@@ -198,7 +205,7 @@ def mae_from_config(cfg: ml_collections.ConfigDict) -> MaskedAutoencoder:
   Encoder keys as :func:`vit.vit_from_config` (posemb defaults to 'sincos2d'
   here, the official MAE choice); extra keys: mask_ratio [0.75], decoder_width
   [512], decoder_depth [8], decoder_heads [16], decoder_mlp_dim [4 * decoder_width],
-  norm_pix_loss [False].
+  norm_pix_loss [False], decoder_remat [None: as the encoder's remat].
   """
   encoder_kwargs = vit.vit_kwargs_from_config(cfg)
   encoder_kwargs['posemb'] = cfg.get('posemb', 'sincos2d')
@@ -213,6 +220,7 @@ def mae_from_config(cfg: ml_collections.ConfigDict) -> MaskedAutoencoder:
       decoder_mlp_dim=int(decoder_mlp_dim) if decoder_mlp_dim is not None else 4 * decoder_width,
       norm_pix_loss=bool(cfg.get('norm_pix_loss', False)),
       dtype=encoder_kwargs['dtype'],
+      decoder_remat=None if cfg.get('decoder_remat', None) is None else bool(cfg.decoder_remat),
   )
 
 

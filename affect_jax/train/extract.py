@@ -3,12 +3,17 @@
 Writes the feature store W/features/: one record per video with `features [T, D]` (the CLS token)
 and all labels and masks of the per-video view. Frames without a face image get the features of
 the nearest frame with one (`affect_jax.data.missing_faces`), the rule every later stage shares.
+
+Several processes: each reads its share of every split's frames and the jitted feature function
+gathers each batch's features onto every device (replicated output); process 0 keeps them and
+writes the whole store, the others drop them, and all wait at a barrier until it is written. The
+store is the one a single process writes (tests/train/test_multiprocess.py).
 """
 
-import os
-
 from absl import logging
+from flax import linen as nn
 import jax
+from jax.experimental import multihost_utils
 import jax.numpy as jnp
 import numpy as np
 
@@ -19,8 +24,10 @@ from affect_jax.data import missing_faces
 from affect_jax.data import pipelines
 from affect_jax.data import schema
 from affect_jax.models import classifier as classifier_lib
+from affect_jax.models import partitioning
 from affect_jax.train import checkpointing
 from affect_jax.train import mae_finetune
+from affect_jax.train import optimizer as optimizer_lib
 from affect_jax.train import trainer
 
 
@@ -28,38 +35,73 @@ def _text(value):
   return value.decode() if isinstance(value, bytes) else str(value)
 
 
+def finetune_abstract_params(config, mesh):
+  """The fine-tuning stage's state (`config.upstream`), abstract and sharded as it makes it."""
+  upstream = config.upstream
+  model = classifier_lib.classifier_from_config(
+      upstream.model, mae_finetune.head_size(tuple(upstream.finetune_tasks)))
+  tx, _ = optimizer_lib.make_optimizer(upstream.optimizer, steps_per_epoch=1)  # structure only
+  size = upstream.model.image_size
+  images = jax.ShapeDtypeStruct((upstream.optimizer.batch_size, size, size, 3), jnp.float32)
+  abstract, _, _ = trainer.abstract_train_state(model, tx, dict(images=images), jax.random.key(0),
+                                                mesh)
+  return abstract
+
+
 def encoder_features(config, workdir, mesh):
-  """A function images -> features, with the fine-tuned encoder's parameters loaded."""
+  """A function (images, record_index, valid) of global batches -> the same three, replicated.
+
+  The fine-tuned parameters are restored straight into the fine-tuning stage's shardings (each
+  process reads only its shards). The jitted function takes the batch over
+  `trainer.batch_sharding` and returns features, record indices and validity replicated: one
+  gather inside the program, after which every process holds the whole batch's features.
+  """
   model = classifier_lib.classifier_from_config(
       config.model, mae_finetune.head_size(tuple(config.upstream.finetune_tasks)))
   directory = trainer.upstream_checkpoint(config, workdir)
-  params = checkpointing.restore_params(directory)["params"]
+  abstract = finetune_abstract_params(config, mesh)
+  params = checkpointing.restore_params(directory, abstract).params
   logging.info("Extracting features with the encoder in %s", directory)
-  params = jax.device_put(params, trainer.replicated(mesh))
+  param_shardings = jax.tree_util.tree_map(lambda x: x.sharding, abstract.params)
+  batch_sharding = trainer.batch_sharding(mesh)
+  replicated = trainer.replicated(mesh)
 
-  @jax.jit
-  def features(params, images):
-    return model.apply({"params": params}, images, train=False)["feature"]
+  def features(params, images, record_index, valid):
+    with jax.sharding.use_abstract_mesh(mesh.abstract_mesh), nn.logical_axis_rules(
+        partitioning.LOGICAL_AXIS_RULES):
+      feats = model.apply({"params": params}, images, train=False)["feature"]
+    return feats, record_index, valid
 
-  return lambda images: features(params, images)
+  features = jax.jit(features, in_shardings=(param_shardings, batch_sharding, batch_sharding,
+                                             batch_sharding),
+                     out_shardings=(replicated, replicated, replicated))
+  return lambda images, record_index, valid: features(params, images, record_index, valid)
 
 
-def extract_split(paths, split, config, features_fn, mesh):
-  """Feature-store records of one split: the per-video view plus `features`."""
+def extract_split(paths, split, config, features_fn, mesh, keep=True):
+  """Feature-store records of one split: the per-video view plus `features`.
+
+  Every process reads its share of the frames and runs every batch (the same collectives in the
+  same order); with `keep` False the features are dropped and None is returned (processes other
+  than 0, which do not write the store).
+  """
   frames = datasets.open_source(paths, "affwild2/frames", split)
   videos = datasets.open_source(paths, "affwild2/videos", split)
   batch_size = config.batch_size // jax.process_count()
   per_video = {}
-  replicate = jax.jit(lambda x: x, out_shardings=trainer.replicated(mesh))
   for batch in pipelines.eval_frames_pipeline(frames, batch_size=batch_size,
                                               image_size=config.model.image_size):
     device = trainer.to_global_batch(
         {"image": batch["image"], "record_index": batch["record_index"], "valid": batch["valid"]}, mesh)
-    feats = np.asarray(jax.device_get(replicate(features_fn(device["image"]))))
-    index = np.asarray(jax.device_get(replicate(device["record_index"])))
-    valid = np.asarray(jax.device_get(replicate(device["valid"])))
+    feats, index, valid = jax.device_get(
+        features_fn(device["image"], device["record_index"], device["valid"]))
+    if not keep:
+      continue
+    feats, index, valid = np.asarray(feats), np.asarray(index), np.asarray(valid)
     for i in np.flatnonzero(valid):
       per_video[int(index[i])] = feats[i]
+  if not keep:
+    return None
   records = []
   record_index = 0
   for video in videos:
@@ -86,15 +128,17 @@ def train_and_evaluate(config, workdir):
   mesh = trainer.make_mesh(config.mesh)
   features_fn = encoder_features(config, workdir, mesh)
   splits = datasets.affwild2_splits(paths, "frames")
+  writer = jax.process_index() == 0
   split_records = {}
   for split in splits:
-    split_records[split] = extract_split(paths, split, config, features_fn, mesh)
-    logging.info("Extracted %s: %d videos, %d frames", split, len(split_records[split]),
-                 sum(len(r["features"]) for r in split_records[split]))
-  dim = int(split_records[splits[0]][0]["features"].shape[-1])
-  if jax.process_index() == 0:
+    split_records[split] = extract_split(paths, split, config, features_fn, mesh, keep=writer)
+    if writer:
+      logging.info("Extracted %s: %d videos, %d frames", split, len(split_records[split]),
+                   sum(len(r["features"]) for r in split_records[split]))
+  if writer:
+    dim = int(split_records[splits[0]][0]["features"].shape[-1])
     feature_store.write_feature_store(out_dir, split_records, dim, overwrite=True)
-  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
   multihost_utils.sync_global_devices("feature store written")
   logging.info("Feature store written to %s", out_dir)
-  return {"videos": sum(len(r) for r in split_records.values())}
+  return {"videos": sum(len(datasets.open_source(paths, "affwild2/videos", split))
+                        for split in splits)}

@@ -9,7 +9,10 @@ Starts from, in order: its own newest checkpoint in W/mae_finetune, the MAE chec
 EXPR macro F1 over all 8 classes on every validation frame with a face and a valid label.
 """
 
+import os
+
 from absl import logging
+from flax import linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -21,6 +24,7 @@ from affect_jax.data import pipelines
 from affect_jax.data import schema
 from affect_jax import losses
 from affect_jax.models import classifier as classifier_lib
+from affect_jax.models import mae as mae_lib
 from affect_jax.train import checkpointing
 from affect_jax.train import optimizer as optimizer_lib
 from affect_jax.train import trainer
@@ -61,13 +65,56 @@ def count_expr_frames(paths, split):
                  for v in videos))
 
 
-def load_pretrained_encoder(config, workdir, state, shardings, model):
-  """Copies the MAE encoder into the classifier's parameters."""
-  directory = trainer.upstream_checkpoint(config, workdir)
-  mae_state = checkpointing.restore_params(directory)
-  params = classifier_lib.load_mae_encoder(jax.device_get(state.params), mae_state["params"], model.encoder)
-  logging.info("Fine-tuning starts from the MAE encoder in %s", directory)
-  return state.replace(params=jax.device_put(params, shardings.params))
+def mae_abstract_state(config, mesh, batch_size):
+  """The MAE stage's train state (`config.upstream`), abstract and sharded as it makes it."""
+  upstream = config.upstream
+  mae = mae_lib.mae_from_config(upstream.model)
+  tx, _ = optimizer_lib.make_optimizer(upstream.optimizer, steps_per_epoch=1)  # structure only
+  size = upstream.model.image_size
+  images = jax.ShapeDtypeStruct((batch_size, size, size, 3), jnp.float32)
+  abstract, _, _ = trainer.abstract_train_state(mae, tx, dict(images=images), jax.random.key(0),
+                                                mesh)
+  return abstract
+
+
+def restore_mae_encoder(config, directory, mesh, batch_size):
+  """The `encoder` parameters of the newest MAE checkpoint in `directory`, sharded over `mesh`.
+
+  Restored straight into the shardings the MAE stage uses (each process reads only its shards), so
+  nothing is ever whole on one host. The checkpoint must be of `config.upstream`'s MAE.
+  """
+  abstract = mae_abstract_state(config, mesh, batch_size)
+  checkpointer = checkpointing.Checkpointer(directory, async_save=False)
+  try:
+    latest = checkpointer.latest_step()
+    if latest is not None:
+      checkpointing.check_compatible(checkpointer.item_shapes(latest), abstract,
+                                     os.path.join(checkpointer.directory, str(latest)))
+  finally:
+    checkpointer.close()
+  return checkpointing.restore_params(directory, abstract).params["encoder"]
+
+
+def create_state_from_mae(model, tx, init_inputs, rng, mesh, mae_encoder):
+  """`trainer.create_train_state` whose jitted init copies `mae_encoder` into the parameters.
+
+  The encoder goes into the jitted init as an argument, keeping its sharding: closed over, it
+  would be baked into the program as a constant, which an array sharded over several hosts cannot
+  be. The rest (head, optimiser state) is what `create_train_state(model, tx, ..., rng)` makes.
+  Returns (state, state_shardings).
+  """
+  _, shardings, _ = trainer.abstract_train_state(model, tx, init_inputs, rng, mesh)
+
+  def init(rng, encoder):
+    def override(params, batch_stats):
+      params = classifier_lib.load_mae_encoder(params, {"encoder": encoder}, model.encoder)
+      return params, batch_stats
+    _, _, init_fn = trainer.abstract_train_state(model, tx, init_inputs, rng, mesh,
+                                                 params_override=override)
+    return nn.meta.unbox(init_fn(rng))
+
+  state = jax.jit(init, out_shardings=shardings)(rng, mae_encoder)
+  return state, shardings
 
 
 def train_and_evaluate(config, workdir):
@@ -87,9 +134,14 @@ def train_and_evaluate(config, workdir):
   tx, schedule = optimizer_lib.make_optimizer(config.optimizer, steps_per_epoch, num_steps)
   size = config.model.image_size
   init_inputs = dict(images=jax.ShapeDtypeStruct((batch_size, size, size, 3), jnp.float32))
-  state, shardings = trainer.create_train_state(model, tx, init_inputs, jax.random.key(config.seed), mesh)
-  if not trainer.has_checkpoint(out_dir):
-    state = load_pretrained_encoder(config, workdir, state, shardings, model)
+  rng = jax.random.key(config.seed)
+  if trainer.has_checkpoint(out_dir):  # resuming: run_loop restores the state
+    state, shardings = trainer.create_train_state(model, tx, init_inputs, rng, mesh)
+  else:
+    directory = trainer.upstream_checkpoint(config, workdir)
+    state, shardings = create_state_from_mae(
+        model, tx, init_inputs, rng, mesh, restore_mae_encoder(config, directory, mesh, batch_size))
+    logging.info("Fine-tuning starts from the MAE encoder in %s", directory)
 
   def loss_fn(params, batch_stats, batch, rngs):
     out = model.apply({"params": params}, batch["image"], train=True, rngs=rngs)

@@ -43,10 +43,14 @@ def mixture_sources(config, paths):
 
 
 def picture_batch(paths, config):
-  """A fixed batch of validation faces for the reconstruction pictures."""
+  """A fixed batch of validation faces for the reconstruction pictures, the same on every process.
+
+  Every process reads the first frames of the split itself (as process 0 of 1), not its share.
+  """
   source = datasets.open_source(paths, "affwild2/frames", "validation")
   iterator = pipelines.eval_frames_pipeline(source, batch_size=4 * config.num_pictures,
-                                            image_size=config.model.image_size)
+                                            image_size=config.model.image_size, process_index=0,
+                                            process_count=1)
   batch = next(iter(iterator))
   keep = np.flatnonzero(batch["has_face"] & batch["valid"])[:config.num_pictures]
   return batch["image"][keep]
@@ -83,18 +87,24 @@ def train_and_evaluate(config, workdir):
       sources, weights=weights, batch_size=local_batch, image_size=size, seed=config.seed,
       num_workers=config.num_workers)
   pictures = picture_batch(paths, config)
+  replicated = trainer.replicated(mesh)
+  # The same numpy batch on every process, so the replicated global array is made from it directly.
+  device_pictures = jax.make_array_from_process_local_data(replicated, pictures)
 
-  @jax.jit
   def reconstruct(params, images):
     # A fixed mask so that pictures from different steps are comparable.
     out = model.apply({"params": params}, images, train=False, rngs={"mask": jax.random.key(0)})
     return out["loss"], mae_lib.reconstruct_images(images, out["pred"], out["mask"],
                                                    model.encoder.patch_size, model.norm_pix_loss)
 
+  # Every process runs this one program (the same collectives); its replicated result is readable
+  # on each, and process 0 writes the pictures.
+  reconstruct = jax.jit(reconstruct, in_shardings=(shardings.params, replicated),
+                        out_shardings=replicated)
   writer = trainer.create_writer(out_dir)
 
   def evaluate(state, step):
-    loss, images = jax.device_get(reconstruct(state.params, jnp.asarray(pictures)))
+    loss, images = jax.device_get(reconstruct(state.params, device_pictures))
     if jax.process_index() == 0:
       rows = np.concatenate([to_display(pictures), to_display(images["masked"]),
                              to_display(images["pasted"])], axis=2)  # original | masked | reconstructed

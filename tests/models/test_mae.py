@@ -129,6 +129,41 @@ def test_tiny_mae_forward_backward_finite():
   assert np.abs(grads['mask_token']).sum() > 0
 
 
+def test_encoder_remat_also_rematerialises_the_decoder_blocks():
+  def build(**kwargs):
+    return mae.mae_from_config(ml_collections.ConfigDict(dict(
+        variant='tiny', depth=2, image_size=32, patch_size=8, decoder_width=32, decoder_depth=3,
+        decoder_heads=4, **kwargs)))
+
+  plain, full, encoder_only = build(), build(remat=True), build(remat=True, decoder_remat=False)
+  assert (full.decoder_remat, encoder_only.decoder_remat) == (None, False)
+  images = jax.random.normal(jax.random.key(0), (2, 32, 32, 3))
+  variables = numpy_variables(plain, {'params': jax.random.key(0), 'mask': jax.random.key(1)},
+                              images)
+
+  def loss_fn(model):
+    return lambda p: model.apply({'params': p}, images, train=True,
+                                 rngs={'mask': jax.random.key(2)})['loss']
+
+  def residual_bytes(model):
+    vjp_fn = jax.eval_shape(lambda p: jax.vjp(loss_fn(model), p)[1], variables['params'])
+    return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(vjp_fn))
+
+  # One rematerialised call per block: 2 encoder + 3 decoder, or the 2 encoder ones.
+  def checkpoints(model):
+    return str(jax.make_jaxpr(loss_fn(model))(variables['params'])).count('remat2[')
+
+  assert (checkpoints(plain), checkpoints(encoder_only), checkpoints(full)) == (0, 2, 5)
+  assert residual_bytes(full) < residual_bytes(encoder_only) < residual_bytes(plain)
+  # Same parameters, same numbers: remat changes what is stored, not what is computed.
+  reference = jax.jit(jax.value_and_grad(loss_fn(plain)))(variables['params'])
+  for model in (encoder_only, full):
+    loss, grads = jax.jit(jax.value_and_grad(loss_fn(model)))(variables['params'])
+    np.testing.assert_allclose(loss, reference[0], rtol=1e-6)
+    for g, r in zip(jax.tree.leaves(grads), jax.tree.leaves(reference[1])):
+      np.testing.assert_allclose(g, r, rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize('norm_pix_loss', [False, True])
 def test_matches_hugging_face_vit_mae(norm_pix_loss):
   torch = pytest.importorskip('torch')

@@ -1,18 +1,28 @@
-"""Two processes joined by jax.distributed train the temporal stage exactly as one process does.
+"""Two processes joined by jax.distributed run the stages as one process does.
 
-`python -m affect_jax.main` runs the VA stage of the smoke config three times on a tiny feature
-store: as two processes with 2 faked CPU devices each (coordinator on 127.0.0.1), and as one
-process with 4 devices, both on the mesh (4, 1, 1). Four training videos of exactly one window
-each and a global batch of 4 make every step's global batch the whole training set in both runs
-(only the order of its rows differs), so with dropout and window jitter off the runs must agree.
+Temporal stage: `python -m affect_jax.main` runs the VA stage of the smoke config three times on
+a tiny feature store: as two processes with 2 faked CPU devices each (coordinator on 127.0.0.1),
+and as one process with 4 devices, both on the mesh (4, 1, 1). Four training videos of exactly one
+window each and a global batch of 4 make every step's global batch the whole training set in both
+runs (only the order of its rows differs), so with dropout and window jitter off the runs must
+agree.
+
+Smoke chain: the same two processes run data -> MAE -> fine-tuning -> extraction from nothing.
+Their training cannot equal a one-process run (each process reads its own share of the images,
+so the global batches differ in content and order, and with them the MAE masks); the test shows
+what must hold instead: both processes log the same losses and scores, only process 0 generates
+the data and writes logs and pictures, and one process extracting with the two-process fine-tuned
+checkpoint writes the same feature store.
 """
 
 import json
 import os
 import re
+import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 
 import jax
 import numpy as np
@@ -41,22 +51,38 @@ def _free_port():
     return s.getsockname()[1]
 
 
-def _launch(workdir, num_devices, distributed_flags=()):
+def _launch(workdir, num_devices, distributed_flags=(), config="configs/va.py:size=smoke",
+            overrides=OVERRIDES):
   env = dict(os.environ, JAX_PLATFORMS="cpu",
              XLA_FLAGS=f"--xla_force_host_platform_device_count={num_devices} {FAST_COMPILE}",
              PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
-  command = [sys.executable, "-m", "affect_jax.main", "--config=configs/va.py:size=smoke",
-             f"--workdir={workdir}", *OVERRIDES, *distributed_flags]
-  return subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                          text=True)
+  command = [sys.executable, "-m", "affect_jax.main", f"--config={config}",
+             f"--workdir={workdir}", *overrides, *distributed_flags]
+  # Output goes to a file, not a pipe: a process blocked on a full pipe that nobody reads (while
+  # the test waits on the other one) would block the other in its next collective.
+  output = tempfile.TemporaryFile("w+")
+  process = subprocess.Popen(command, cwd=REPO, env=env, stdout=output, stderr=subprocess.STDOUT,
+                             text=True)
+  process.output_file = output
+  return process
+
+
+def _two_processes(workdir, **kwargs):
+  port = _free_port()
+  flags = lambda i: (f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2",
+                     f"--process_id={i}")
+  return {f"process {i} of 2": _launch(workdir, 2, flags(i), **kwargs) for i in range(2)}
 
 
 def _finish(process, name):
   try:
-    output, _ = process.communicate(timeout=400)
+    process.wait(timeout=400)
   except subprocess.TimeoutExpired:
     process.kill()
-    output, _ = process.communicate()
+    process.wait()
+  process.output_file.seek(0)
+  output = process.output_file.read()
+  process.output_file.close()
   assert process.returncode == 0, f"{name} failed:\n{output[-6000:]}"
   return output
 
@@ -86,10 +112,7 @@ def test_two_processes_train_like_one_and_their_checkpoint_restores_in_one(tmp_p
   two, one = tmp_path / "two_processes", tmp_path / "one_process"
   for workdir in (two, one):
     write_tiny_store(workdir, VIDEOS)
-  port = _free_port()
-  runs = {f"process {i} of 2": _launch(two, 2, (f"--coordinator_address=127.0.0.1:{port}",
-                                                  "--num_processes=2", f"--process_id={i}"))
-          for i in range(2)}
+  runs = _two_processes(two)
   runs["one process"] = _launch(one, 4)
   outputs = {name: _finish(process, name) for name, process in runs.items()}
 
@@ -124,3 +147,58 @@ def test_two_processes_train_like_one_and_their_checkpoint_restores_in_one(tmp_p
     if name.endswith("['key']['bias']"):
       continue  # no gradient in exact arithmetic; Adam amplifies rounding noise (see test_sharding)
     np.testing.assert_allclose(np.asarray(value), np.asarray(flat_one[name]), atol=1e-5, err_msg=name)
+
+
+# The training and validation scalars the stages log: "[3] train/loss=..., ...", "[3] val/...".
+SCALARS_LINE = re.compile(r"logging_writer.py:\d+\] (\[\d+\] (?:train|val)/.*)$", re.MULTILINE)
+
+
+def _store(workdir):
+  """{split: [record]} of the feature store in W/features, as numpy."""
+  from affect_jax.data import feature_store  # pylint: disable=g-import-not-at-top
+  store = {}
+  for split in ("train", "validation", "test"):
+    source = feature_store.open_feature_store(os.path.join(workdir, "features"), split)
+    store[split] = [{k: np.asarray(v) for k, v in source[i].items()} for i in range(len(source))]
+  return store
+
+
+def test_two_processes_run_the_smoke_chain_and_extract_what_one_process_extracts(tmp_path):
+  two, one = tmp_path / "two_processes", tmp_path / "one_process"
+  outputs = {name: _finish(process, name) for name, process in
+             _two_processes(two, config="configs/extract.py:size=smoke", overrides=()).items()}
+
+  # Both processes ran the same global steps: identical losses, picture loss and EXPR scores.
+  scalars = {name: SCALARS_LINE.findall(output) for name, output in outputs.items()}
+  print(json.dumps(scalars))
+  assert scalars["process 0 of 2"] == scalars["process 1 of 2"]
+  logged = " ".join(scalars["process 0 of 2"])
+  assert logged.count("train/loss=") == 2  # MAE and fine-tuning
+  assert "val/picture_loss=" in logged and "val/expr_f1=" in logged
+  # Process 0 generated the synthetic data; process 1 waited for it and found it (shared disk).
+  assert "Generating 6 synthetic videos" in outputs["process 0 of 2"]
+  assert "Generating" not in outputs["process 1 of 2"]
+  assert "does not see the datasets" not in outputs["process 1 of 2"]
+  # Only process 0 writes TensorBoard events (with the MAE's reconstruction pictures).
+  for stage in ("mae_pretrain", "mae_finetune"):
+    events = [p for p in (two / stage).iterdir() if p.name.startswith("events.out.tfevents")]
+    assert len(events) == 1, (stage, events)
+  (mae_events,) = (two / "mae_pretrain").glob("events.out.tfevents*")
+  assert b"reconstructions" in mae_events.read_bytes()
+
+  # One process with 4 devices extracts with the two processes' fine-tuned encoder.
+  for stage in ("data", "mae_finetune"):
+    shutil.copytree(two / stage, one / stage, symlinks=True)
+  _finish(_launch(one, 4, config="configs/extract.py:size=smoke", overrides=()), "one process")
+  store_two, store_one = _store(two), _store(one)
+  assert [len(store_two[s]) for s in store_two] == [len(store_one[s]) for s in store_one] == [
+      4, 2, 3]
+  for split, records in store_two.items():
+    for record, reference in zip(records, store_one[split]):
+      assert sorted(record) == sorted(reference)
+      for key, value in record.items():
+        if key == "features":
+          assert value.shape == (int(record["num_frames"]), FEATURE_DIM) and value.std() > 0
+          np.testing.assert_allclose(value, reference[key], atol=1e-5, err_msg=f"{split} {key}")
+        else:
+          np.testing.assert_array_equal(value, reference[key], err_msg=f"{split} {key}")

@@ -222,8 +222,99 @@ def test_meshes_match_one_device_and_the_partition_table():
                                   "head_hidden.kernel": ["fsdp", "model"]}
 
 
+def finetune_init_worker(directory):
+  """Runs in the subprocess: the fine-tuning state made from a MAE checkpoint on sharded meshes.
+
+  A smoke MAE state is made and saved on the mesh (8,1,1); `mae_finetune.restore_mae_encoder`
+  restores its encoder into the (2,4,1) mesh (FSDP: parameters split over 4 devices) and
+  `create_state_from_mae` copies it into the classifier inside the jitted init. The classifier
+  learns its position embedding, which starts from the MAE's sin-cos table.
+  """
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from flax import linen as nn  # pylint: disable=g-import-not-at-top
+
+  from affect_jax.models import classifier as classifier_lib  # pylint: disable=g-import-not-at-top
+  from affect_jax.models import mae as mae_lib  # pylint: disable=g-import-not-at-top
+  from affect_jax.models import vit  # pylint: disable=g-import-not-at-top
+  from affect_jax.train import checkpointing  # pylint: disable=g-import-not-at-top
+  from affect_jax.train import mae_finetune  # pylint: disable=g-import-not-at-top
+  from affect_jax.train import optimizer as optimizer_lib  # pylint: disable=g-import-not-at-top
+  from affect_jax.train import trainer  # pylint: disable=g-import-not-at-top
+  from configs import mae_finetune as finetune_config  # pylint: disable=g-import-not-at-top
+
+  assert jax.device_count() == 8, jax.devices()
+  config = finetune_config.get_config("size=smoke")
+  config.model.posemb = "learn"
+  size = config.model.image_size
+  images = dict(images=jax.ShapeDtypeStruct((8, size, size, 3), jnp.float32))
+  mae = mae_lib.mae_from_config(config.upstream.model)
+  mae_tx, _ = optimizer_lib.make_optimizer(config.upstream.optimizer, steps_per_epoch=1)
+  mae_mesh = trainer.make_mesh((("data", 8), ("fsdp", 1), ("model", 1)))
+  mae_state, _ = trainer.create_train_state(mae, mae_tx, images, jax.random.key(3), mae_mesh)
+  checkpointer = checkpointing.Checkpointer(directory, async_save=False)
+  checkpointer.save(1, mae_state)
+  checkpointer.close()
+
+  mesh = trainer.make_mesh((("data", 2), ("fsdp", 4), ("model", 1)))
+  model = classifier_lib.classifier_from_config(config.model, mae_finetune.head_size(("expr",)))
+  tx, _ = optimizer_lib.make_optimizer(config.optimizer, steps_per_epoch=1)
+  encoder = mae_finetune.restore_mae_encoder(config, directory, mesh, 8)
+  state, shardings = mae_finetune.create_state_from_mae(model, tx, images, jax.random.key(5), mesh,
+                                                        encoder)
+  scratch, _ = trainer.create_train_state(model, tx, images, jax.random.key(5), mesh)
+
+  result = {"encoder_mismatch": [], "sharding_mismatch": [], "other_mismatch": []}
+  mae_encoder = _leaves(jax.device_get(mae_state.params["encoder"]))
+  table = vit.sincos_2d_posemb(model.encoder.width, model.encoder.grid_size)
+  mae_encoder["['pos_embed']"] = np.asarray(table, np.float64)
+  for name, value in _leaves(jax.device_get(state.params["encoder"])).items():
+    if not np.array_equal(value, mae_encoder.pop(name)):
+      result["encoder_mismatch"].append(name)
+  result["encoder_mismatch"] += sorted(mae_encoder)  # MAE parameters the classifier did not get
+  # Head and optimiser state are the scratch init's (same rng); Adam's moments start at zero.
+  fresh = _leaves(jax.device_get({"head": scratch.params["head"], "opt_state": scratch.opt_state}))
+  for name, value in _leaves(jax.device_get({"head": state.params["head"],
+                                             "opt_state": state.opt_state})).items():
+    if not np.array_equal(value, fresh[name]):
+      result["other_mismatch"].append(name)
+  for path, x in jax.tree_util.tree_flatten_with_path(state)[0]:
+    expected = _tree_get(shardings, path)
+    if not x.sharding.is_equivalent_to(expected, x.ndim):
+      result["sharding_mismatch"].append(jax.tree_util.keystr(path))
+  kernel = state.params["encoder"]["blocks_0"]["mlp"]["fc1"]["kernel"]
+  result["fc1_spec"] = _spec(kernel.sharding)
+  result["fc1_shard_shape"] = list(kernel.addressable_shards[0].data.shape)
+  result["num_encoder_leaves"] = len(nn.unbox(jax.tree_util.tree_leaves(state.params["encoder"])))
+  print("RESULT" + json.dumps(result))
+
+
+def _tree_get(tree, path):
+  for key in path:
+    tree = tree[key.key] if hasattr(key, "key") else (
+        getattr(tree, key.name) if hasattr(key, "name") else tree[key.idx])
+  return tree
+
+
+def test_finetune_state_starts_from_the_mae_encoder_restored_sharded(tmp_path):
+  env = dict(os.environ, XLA_FLAGS=WORKER_XLA_FLAGS, JAX_PLATFORMS="cpu",
+             PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
+  proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--finetune-worker",
+                         str(tmp_path / "mae_checkpoints")], env=env, cwd=REPO, capture_output=True,
+                        text=True, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-6000:]
+  result = json.loads(proc.stdout.split("RESULT", 1)[1])
+  # Every encoder parameter equals the MAE's exactly (pos_embed: the MAE's sin-cos table).
+  assert result["encoder_mismatch"] == [] and result["num_encoder_leaves"] > 10, result
+  assert result["other_mismatch"] == [], result
+  assert result["sharding_mismatch"] == [], result
+  assert result["fc1_spec"] == ["fsdp", "model"] and result["fc1_shard_shape"] == [8, 64]  # 32 / 4
+
+
 if __name__ == "__main__":
-  if "--worker" in sys.argv or "--write-expected" in sys.argv:
+  if "--finetune-worker" in sys.argv:
+    finetune_init_worker(sys.argv[sys.argv.index("--finetune-worker") + 1])
+  elif "--worker" in sys.argv or "--write-expected" in sys.argv:
     if "--write-expected" in sys.argv and "--worker" not in sys.argv:
       os.environ["XLA_FLAGS"] = WORKER_XLA_FLAGS
       os.environ["JAX_PLATFORMS"] = "cpu"
