@@ -115,3 +115,32 @@ def test_matches_timm_vision_transformer():
   out = jax.jit(ours.apply)({'params': params}, jnp.asarray(images.transpose(0, 2, 3, 1)))
   np.testing.assert_allclose(out['cls'], expected[:, 0], atol=1e-5)
   np.testing.assert_allclose(out['patches'], expected[:, 1:], atol=1e-5)
+
+
+def test_dropout_keep_mask_is_bernoulli_with_independent_halves():
+  # Each 32-bit word serves two neighbouring elements: check the rate, the independence of the
+  # two halves, determinism in the key, and the odd-length fallback.
+  keep = 0.7
+  mask = np.asarray(vit.keep_mask(jax.random.key(0), keep, (64, 300, 300)))
+  n = mask.size
+  assert abs(mask.mean() - keep) < 5 * np.sqrt(keep * (1 - keep) / n)
+  lo, hi = mask[..., 0::2].ravel().astype(float), mask[..., 1::2].ravel().astype(float)
+  assert abs(np.corrcoef(lo, hi)[0, 1]) < 5 / np.sqrt(lo.size)
+  assert abs(np.corrcoef(mask[:, :-1].ravel(), mask[:, 1:].ravel())[0, 1]) < 5 / np.sqrt(lo.size)
+  again = np.asarray(vit.keep_mask(jax.random.key(0), keep, (64, 300, 300)))
+  np.testing.assert_array_equal(mask, again)
+  assert (mask != np.asarray(vit.keep_mask(jax.random.key(1), keep, (64, 300, 300)))).mean() > 0.3
+  odd = np.asarray(vit.keep_mask(jax.random.key(0), keep, (1000, 301)))
+  assert odd.shape == (1000, 301)
+  assert abs(odd.mean() - keep) < 5 * np.sqrt(keep * (1 - keep) / odd.size)
+  assert np.asarray(vit.keep_mask(jax.random.key(0), 1.0, (8, 4))).all()
+
+
+def test_dropout_scales_kept_values_and_is_identity_when_deterministic():
+  x = jnp.asarray(np.random.default_rng(0).uniform(1, 2, (16, 128)), jnp.float32)
+  layer = vit.Dropout(0.25)
+  y = np.asarray(layer.apply({}, x, False, rngs={'dropout': jax.random.key(4)}))
+  kept = y != 0
+  np.testing.assert_allclose(y[kept], np.asarray(x)[kept] / 0.75, rtol=1e-6)
+  assert 0.6 < kept.mean() < 0.9
+  np.testing.assert_array_equal(np.asarray(layer.apply({}, x, True)), np.asarray(x))

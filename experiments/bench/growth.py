@@ -1,0 +1,194 @@
+r"""Figure 6: how cost grows: temporal epoch time and peak memory for 10, 40, 160 videos; feature
+extraction time for 1x, 4x, 16x frames.
+
+  python -m experiments.bench.growth [--quick] [--videos=10,40,160] [--frames_per_video=600]
+      [--extract_frames=256] [--temporal_size=tiny]
+
+Temporal: a synthetic feature store (768-d features, --frames_per_video frames per video, as
+experiments/bench/pipelines.py writes it), then one epoch of the temporal stage's training at the
+--temporal_size preset of configs/va.py (tiny: batch 8, windows of 300 every 200 frames): Grain's
+`train_segments_pipeline` feeding `trainer.make_train_step`, steps_per_epoch = windows // batch as
+train/temporal.py computes it. The epoch is timed after one warm-up step (compilation). Each size
+runs in its own process; its peak RSS (VmHWM, whole process, compilation included) is the memory.
+
+Extraction: the extract stage's loop (`pipelines.eval_frames_pipeline` -> jitted encoder ->
+features to the host) with the tiny preset's encoder (64x64, configs/extract.py:size=tiny) over
+1x, 4x, 16x --extract_frames synthetic JPEG faces, timed after a warm-up batch.
+--quick: 2, 4, 8 videos of 400 frames; 32 frames.
+"""
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+from absl import app
+from absl import flags
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from experiments import bench_loader
+from experiments.bench import harness
+from experiments.bench import pipelines as bench_pipelines
+from affect_jax.data import pipelines
+from affect_jax.models import classifier as classifier_lib
+from affect_jax.models import temporal as temporal_lib
+from affect_jax.train import optimizer as optimizer_lib
+from affect_jax.train import tasks
+from affect_jax.train import trainer
+from configs import extract
+from configs import va
+
+VIDEO_COUNTS = flags.DEFINE_list("video_counts", ["10", "40", "160"], "Data-set sizes (videos).")
+FRAMES_PER_VIDEO = flags.DEFINE_integer("frames_per_video", 600, "Frames per synthetic video.")
+EXTRACT_FRAMES = flags.DEFINE_integer("extract_frames", 256, "Frames at 1x for extraction.")
+TEMPORAL_SIZE = flags.DEFINE_enum("temporal_size", "tiny", ["smoke", "tiny", "paper"],
+                                  "configs/va.py size of the temporal model.")
+GROWTH_CHILD = flags.DEFINE_string("growth_child", None, "Internal: 'temporal:N' or 'extract:N'.")
+
+
+def temporal_epoch(num_videos, frames, size):
+  """(seconds for one epoch, steps, windows) of the temporal stage over num_videos videos."""
+  config = va.get_config(f"size={size}")
+  task = tasks.TASKS["va"]
+  with tempfile.TemporaryDirectory() as tmp:
+    source = bench_pipelines.write_store(tmp, num_videos, frames)
+    lengths = pipelines.video_lengths(source)
+    num_windows = len(pipelines.segment_table(lengths, config.window, config.stride))
+    batch = config.optimizer.batch_size
+    steps = max(1, num_windows // batch)
+    model = temporal_lib.temporal_model_from_config(config.model, task.num_outputs)
+    tx, _ = optimizer_lib.make_optimizer(config.optimizer, steps)
+    mesh = trainer.make_mesh(config.mesh, jax.devices()[:1])
+    init_inputs = dict(
+        features=jax.ShapeDtypeStruct((batch, config.window, bench_pipelines.FEATURE_DIM), jnp.float32),
+        frame_mask=jax.ShapeDtypeStruct((batch, config.window), jnp.bool_))
+    state, shardings = trainer.create_train_state(model, tx, init_inputs, jax.random.key(0), mesh)
+
+    def loss_fn(params, batch_stats, batch, rngs):  # as in train/temporal.py
+      variables = {"params": params}
+      if batch_stats:
+        variables["batch_stats"] = batch_stats
+      outputs, mutated = model.apply(variables, batch["features"], batch["frame_mask"], train=True,
+                                     rngs=rngs, mutable=["batch_stats"])
+      loss = task.loss(outputs.astype(jnp.float32), batch, task.valid(batch))
+      return loss, ({}, mutated.get("batch_stats", batch_stats))
+
+    step = trainer.make_train_step(loss_fn, tx, shardings, mesh, config.seed)
+    iterator = pipelines.train_segments_pipeline(
+        source, batch_size=batch, window=config.window, stride=config.stride,
+        jitter=config.stride // 2 if config.jitter else 0, seed=0, num_frames=lengths,
+        num_workers=config.num_workers)
+    keys = ("features", "frame_mask", "va", "va_valid")
+
+    def one_step(state):
+      local = next(iterator)
+      state, metrics = step(state, trainer.to_global_batch({k: local[k] for k in keys}, mesh))
+      return state, metrics
+
+    state, metrics = one_step(state)  # compiles
+    jax.block_until_ready(metrics["loss"])
+    start = time.perf_counter()
+    for _ in range(steps):
+      state, metrics = one_step(state)
+    jax.block_until_ready(metrics["loss"])
+    return time.perf_counter() - start, steps, num_windows
+
+
+def extraction(num_frames, records):
+  """Seconds to extract features of num_frames frames (tiny encoder), after a warm-up batch."""
+  config = extract.get_config("size=tiny")
+  model = classifier_lib.classifier_from_config(config.model, 1)
+  mesh = trainer.make_mesh(config.mesh, jax.devices()[:1])
+  size = config.model.image_size
+  params = jax.jit(lambda: model.init(jax.random.key(0), jnp.zeros((1, size, size, 3)), train=False))()
+  params = jax.device_put(params["params"], trainer.replicated(mesh))
+
+  @jax.jit
+  def features(params, images):  # as train/extract.py's encoder_features
+    return model.apply({"params": params}, images, train=False)["feature"]
+
+  frames = [records[i % len(records)] for i in range(num_frames)]
+
+  def run(source):
+    count = 0
+    for batch in pipelines.eval_frames_pipeline(source, batch_size=config.batch_size, image_size=size):
+      device = trainer.to_global_batch({"image": batch["image"]}, mesh)
+      count += np.asarray(jax.device_get(features(params, device["image"]))).shape[0]
+    return count
+
+  run(frames[:config.batch_size])  # compiles
+  start = time.perf_counter()
+  run(frames)
+  return time.perf_counter() - start
+
+
+def child(spec):
+  kind, n = spec.split(":")
+  n = int(n)
+  frames = 400 if harness.QUICK.value else FRAMES_PER_VIDEO.value
+  if kind == "temporal":
+    seconds, steps, windows = temporal_epoch(n, frames, "smoke" if harness.QUICK.value else TEMPORAL_SIZE.value)
+    out = dict(seconds=seconds, steps=steps, windows=windows)
+  else:
+    records = bench_loader.synthetic_faces(64, 112)
+    out = dict(seconds=extraction(n, records))
+  with open("/proc/self/status") as f:
+    peak = [int(line.split()[1]) for line in f if line.startswith("VmHWM:")][0]
+  out["peak_mib"] = peak / 1024
+  print("GROWTH " + json.dumps(out), flush=True)
+
+
+def run_child(spec):
+  args = [a for a in sys.argv[1:] if not a.startswith("--growth_child")]
+  proc = subprocess.run([sys.executable, "-m", "experiments.bench.growth", *args, f"--growth_child={spec}"],
+                        capture_output=True, text=True, timeout=3600,
+                        cwd=os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+  for line in proc.stdout.splitlines():
+    if line.startswith("GROWTH "):
+      return json.loads(line[7:])
+  raise RuntimeError(f"{spec} failed: {proc.stderr[-2000:]}")
+
+
+def main(argv):
+  del argv
+  if GROWTH_CHILD.value:
+    child(GROWTH_CHILD.value)
+    return
+  quick = harness.QUICK.value
+  counts = [2, 4, 8] if quick else [int(c) for c in VIDEO_COUNTS.value]
+  base = 32 if quick else EXTRACT_FRAMES.value
+  rows = []
+  first = None
+  for n in counts:
+    r = run_child(f"temporal:{n}")
+    per_step = r["seconds"] / r["steps"]
+    first = first or r
+    rows.append(f"| temporal epoch | {n} videos ({r['windows']} windows, {r['steps']} steps) | "
+                f"{r['seconds']:.2f} s | {per_step * 1000:.0f} ms/step "
+                f"(x{per_step / (first['seconds'] / first['steps']):.2f} of the smallest) | {r['peak_mib']:.0f} |")
+    print(rows[-1], flush=True)
+  first = None
+  for mult in (1, 4, 16):
+    r = run_child(f"extract:{base * mult}")
+    per_frame = r["seconds"] / (base * mult)
+    first = first or per_frame
+    rows.append(f"| extraction | {mult}x = {base * mult} frames | {r['seconds']:.2f} s | "
+                f"{per_frame * 1000:.2f} ms/frame (x{per_frame / first:.2f} of 1x) | {r['peak_mib']:.0f} |")
+    print(rows[-1], flush=True)
+  size = "smoke" if quick else TEMPORAL_SIZE.value
+  text = harness.header(
+      "Growth: temporal epoch and extraction vs data size",
+      f"temporal: configs/va.py:size={size} model and batch, {400 if quick else FRAMES_PER_VIDEO.value} "
+      f"frames per video, 768-d features, Grain 0 workers; extraction: tiny encoder at 64x64, batch "
+      f"{extract.get_config('size=tiny').batch_size}; each row its own process") + "\n".join([
+          "| stage | data | time | per unit (growth) | peak RSS MiB |", "|---|---|---|---|---|", *rows]) + "\n"
+  harness.append_text(text)
+  harness.write_summary("growth", dict(rows=rows, quick=quick))
+
+
+if __name__ == "__main__":
+  app.run(main)
