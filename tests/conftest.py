@@ -253,8 +253,10 @@ NUM_KILLS = int(os.environ.get("AFFECT_JAX_TEST_KILLS", "10"))
 # steps (test_resume.kill_plan), 6.4 on average over its phases.
 NUM_TRAIN_STEPS = 6 * NUM_KILLS + 6
 VA_OVERRIDES = (f"--config.num_train_steps={NUM_TRAIN_STEPS}", "--config.checkpoint_every_steps=3")
+# Mixup on, so that the resume tests also prove its draws are a function of the step.
 FINETUNE_OVERRIDES = (f"--config.num_train_steps={NUM_TRAIN_STEPS}",
-                      "--config.checkpoint_every_steps=3", "--config.eval_every_steps=4")
+                      "--config.checkpoint_every_steps=3", "--config.eval_every_steps=4",
+                      "--config.mixup_alpha=0.8")
 
 
 def _run_checked(cache_dir, config, workdir, *overrides, events=None):

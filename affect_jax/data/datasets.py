@@ -11,9 +11,9 @@ import os
 
 from absl import logging
 import jax
-from jax.experimental import multihost_utils
 import tensorflow_datasets as tfds
 
+from affect_jax import processes
 from affect_jax.data import builders
 from affect_jax.data import synthetic
 
@@ -47,8 +47,14 @@ def generate_synthetic(config, root):
   summary = os.path.join(out, "_synthetic_truth", "summary.json")
   if not os.path.exists(summary):
     cfg = config.data.synthetic
-    logging.info("Generating %d synthetic videos of ~%d frames into %s", cfg.videos, cfg.frames, out)
-    synthetic.generate(out, num_videos=cfg.videos, frames_per_video=cfg.frames, seed=cfg.seed)
+    logging.info("Generating %d synthetic videos of ~%d frames and %d face images into %s",
+                 cfg.videos, cfg.frames, cfg.face_images, out)
+    # Face images split as AffectNet 40 %, RAF-DB 30 %, FER2013/FER+ 30 %.
+    affectnet = int(round(0.4 * cfg.face_images))
+    rafdb = int(round(0.3 * cfg.face_images))
+    synthetic.generate(out, num_videos=cfg.videos, frames_per_video=cfg.frames, seed=cfg.seed,
+                       affectnet_images=affectnet, rafdb_images=rafdb,
+                       fer2013_images=cfg.face_images - affectnet - rafdb)
   with open(summary) as f:
     return out, json.load(f)
 
@@ -84,7 +90,7 @@ def prepare(config, workdir, *, faces=False):
 
   Several processes (jax.distributed): process 0 generates the synthetic data (when configured)
   and builds the datasets while the others wait at a barrier
-  (`multihost_utils.sync_global_devices`); then the others open what process 0 built. Where
+  (`affect_jax.processes.wait_for_all`); then the others open what process 0 built. Where
   they cannot see it (each host has its own disk, not a shared filesystem), each builds its own
   copy into the same path; generation and building are deterministic, so every copy is the same.
   Every process must call this (it is a collective).
@@ -93,9 +99,9 @@ def prepare(config, workdir, *, faces=False):
     return _prepare(config, workdir, faces)
   if jax.process_index() == 0:
     paths = _prepare(config, workdir, faces)
-    multihost_utils.sync_global_devices("datasets prepared by process 0")
+    processes.wait_for_all("datasets prepared by process 0")
     return paths
-  multihost_utils.sync_global_devices("datasets prepared by process 0")
+  processes.wait_for_all("datasets prepared by process 0")
   if not os.path.exists(os.path.join(data_root(config, workdir), "tfds")):
     logging.info("Process %d does not see the datasets process 0 built (no shared filesystem): "
                  "building its own copy.", jax.process_index())

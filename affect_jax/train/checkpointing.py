@@ -21,6 +21,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers
 
+from affect_jax import processes
+
 
 # Sub-folder of a checkpoint folder where Orbax moves the steps it retires, before they are deleted.
 TRASH = "retired"
@@ -158,9 +160,7 @@ class Checkpointer:
         f.write(problem + "\n")
       logging.warning("Moved damaged checkpoint %s to %s", os.path.join(self.directory, str(step)),
                       destination)
-    if jax.process_count() > 1:
-      from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-      multihost_utils.sync_global_devices(f"quarantined checkpoint {step}")
+    processes.wait_for_all(f"quarantined checkpoint {step}")
     self.manager.reload()
 
   def item_shapes(self, step):

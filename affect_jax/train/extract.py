@@ -13,10 +13,10 @@ store is the one a single process writes (tests/train/test_multiprocess.py).
 from absl import logging
 from flax import linen as nn
 import jax
-from jax.experimental import multihost_utils
 import jax.numpy as jnp
 import numpy as np
 
+from affect_jax import processes
 from affect_jax import stages
 from affect_jax.data import datasets
 from affect_jax.data import feature_store
@@ -138,7 +138,7 @@ def train_and_evaluate(config, workdir):
   if writer:
     dim = int(split_records[splits[0]][0]["features"].shape[-1])
     feature_store.write_feature_store(out_dir, split_records, dim, overwrite=True)
-  multihost_utils.sync_global_devices("feature store written")
+  processes.wait_for_all("feature store written")
   logging.info("Feature store written to %s", out_dir)
   return {"videos": sum(len(datasets.open_source(paths, "affwild2/videos", split))
                         for split in splits)}

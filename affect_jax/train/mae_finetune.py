@@ -58,6 +58,23 @@ def finetune_loss(logits, batch, finetune_tasks, label_smoothing):
   return total
 
 
+MIXUP_STREAM = 0x6d6978  # folded into the step's dropout key: mixup draws are their own stream
+
+
+def mixup(batch, alpha, rng):
+  """Mixup (Zhang et al. 2018): images blended with the batch in reverse order.
+
+  Returns (images, the partner labels, lam) with lam ~ Beta(alpha, alpha), one per batch; the loss
+  is lam * L(labels) + (1 - lam) * L(partner labels). alpha = 0 leaves the batch as it is.
+  """
+  if alpha <= 0:
+    return batch["image"], batch, 1.0
+  lam = jax.random.beta(rng, alpha, alpha)
+  partner = jax.tree.map(lambda x: x[::-1], batch)
+  images = lam * batch["image"] + (1 - lam) * partner["image"]
+  return images, partner, lam
+
+
 def count_expr_frames(paths, split):
   """Frames with a face and a valid EXPR label, counted on the per-video view (no pixels read)."""
   videos = datasets.open_source(paths, "affwild2/videos", split)
@@ -144,9 +161,14 @@ def train_and_evaluate(config, workdir):
     logging.info("Fine-tuning starts from the MAE encoder in %s", directory)
 
   def loss_fn(params, batch_stats, batch, rngs):
-    out = model.apply({"params": params}, batch["image"], train=True, rngs=rngs)
-    return finetune_loss(out["logits"], batch, finetune_tasks, config.label_smoothing), (
-        {}, batch_stats)
+    mix_rng = jax.random.fold_in(rngs["dropout"], MIXUP_STREAM)
+    images, mixed_with, lam = mixup(batch, config.mixup_alpha, mix_rng)
+    logits = model.apply({"params": params}, images, train=True, rngs=rngs)["logits"]
+    loss = finetune_loss(logits, batch, finetune_tasks, config.label_smoothing)
+    if config.mixup_alpha > 0:
+      loss = lam * loss + (1 - lam) * finetune_loss(logits, mixed_with, finetune_tasks,
+                                                    config.label_smoothing)
+    return loss, ({}, batch_stats)
 
   train_step = trainer.make_train_step(loss_fn, tx, shardings, mesh, config.seed)
   iterator = pipelines.finetune_frames_pipeline(

@@ -1,5 +1,6 @@
 """Fine-tuning head layout and its multi-task loss: each task's loss over its own valid frames."""
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -43,3 +44,24 @@ def test_expr_only_loss_is_plain_cross_entropy():
   got = mae_finetune.finetune_loss(logits, {"label": labels}, ("expr",), 0.1)
   want = losses.cross_entropy_loss(logits, labels, jnp.ones(5, bool), label_smoothing=0.1)
   np.testing.assert_allclose(float(got), float(want), rtol=1e-6)
+
+
+def test_mixup_blends_each_image_with_its_reverse_partner():
+  rng = np.random.default_rng(0)
+  batch = {"image": jnp.asarray(rng.normal(size=(6, 4, 4, 3)), jnp.float32),
+           "label": jnp.arange(6), "va": jnp.asarray(rng.uniform(-1, 1, (6, 2)), jnp.float32)}
+  images, partner, lam = mae_finetune.mixup(batch, 0.8, jax.random.key(3))
+  lam = float(lam)
+  assert 0.0 < lam < 1.0
+  np.testing.assert_allclose(images, lam * batch["image"] + (1 - lam) * batch["image"][::-1], atol=1e-6)
+  np.testing.assert_array_equal(partner["label"], [5, 4, 3, 2, 1, 0])
+  np.testing.assert_array_equal(partner["va"], np.asarray(batch["va"])[::-1])
+  # Beta(0.8, 0.8) draws over many keys: mean 1/2, variance 1/(4 (2 alpha + 1)) = 0.0962.
+  draws = np.array([float(mae_finetune.mixup(batch, 0.8, jax.random.key(k))[2]) for k in range(400)])
+  assert abs(draws.mean() - 0.5) < 0.05 and abs(draws.var() - 0.0962) < 0.02
+
+
+def test_mixup_off_leaves_the_batch_alone():
+  batch = {"image": jnp.ones((2, 4, 4, 3)), "label": jnp.arange(2)}
+  images, partner, lam = mae_finetune.mixup(batch, 0.0, jax.random.key(0))
+  assert images is batch["image"] and partner is batch and lam == 1.0
