@@ -231,7 +231,8 @@ class Scorer:
     scores["step"] = int(step)
     self._write_outputs(step, records, merged, scores, writer)
     logging.info("Validation %s at step %d: %s", task.name, step,
-                 {k: round(v, 4) for k, v in scores.items() if not k.startswith(("au_f1_AU", "expr_f1_"))})
+                 {k: round(v, 4) for k, v in scores.items()
+                  if np.isscalar(v) and not k.startswith(("au_f1_AU", "expr_f1_"))})
     return {k: v for k, v in scores.items() if np.isscalar(v)}
 
   def _postprocess(self, outputs):

@@ -198,3 +198,30 @@ def test_expr_stage_writes_confusion_matrix_and_one_row_per_annotated_frame(smok
   valid = sum(1 for lines in annotations.values() for line in lines if line != "-1")
   with open(os.path.join(workdir, "expr", "scores.json")) as f:
     assert json.load(f)["latest"]["num_frames"] == valid
+
+
+def test_au_stage_scores_every_annotated_frame_and_rescores_with_sklearn(smoke_chain, jax_cache_dir,
+                                                                         tmp_path):
+  from sklearn.metrics import f1_score  # pylint: disable=g-import-not-at-top
+  workdir = copy_workdir(smoke_chain, str(tmp_path / "W"), stages_to_copy=["data", "features"])
+  result = run_stage(jax_cache_dir, "configs/au.py:size=smoke", workdir, "--config.num_train_steps=2")
+  assert result.returncode == 0, result.stdout[-3000:]
+  annotations = read_annotations(
+      annotation_dir(workdir, "AU_Detection_Challenge", "Validation_Set"))
+  header, predicted = read_submission_rows(os.path.join(workdir, "au", "predictions", "validation.txt"))
+  assert header[0] == "image_location" and len(header) == 13 and sorted(predicted) == sorted(annotations)
+  for video, lines in annotations.items():
+    num_frames = max([len(lines)] + image_frames(workdir, video))
+    assert [frame for frame, _ in predicted[video]] == list(range(1, num_frames + 1))
+    assert all(len(values) == 12 and set(values) <= {0.0, 1.0} for _, values in predicted[video])
+  truth = np.array([[int(x) for x in line.split(",")] for video in sorted(annotations)
+                    for line in annotations[video]])
+  pred = np.array([values for video in sorted(annotations)
+                   for _, values in predicted[video][:len(annotations[video])]], int)
+  valid = (truth != -1).all(axis=1)
+  want = np.mean([f1_score(truth[valid, k], pred[valid, k], zero_division=0.0) for k in range(12)])
+  with open(os.path.join(workdir, "au", "scores.json")) as f:
+    latest = json.load(f)["latest"]
+  assert latest["num_frames"] == valid.sum()
+  np.testing.assert_allclose(latest["au_f1"], want, atol=1e-5)
+  assert latest["au_f1_tuned"] >= latest["au_f1"] - 1e-6  # 0.5 is among the thresholds tried
