@@ -144,7 +144,7 @@ def data_config(args):
   data.bad_data = "error"  # or 'skip': skip bad frames/lines, counting and logging each
   # face_images: the synthetic face-image datasets for MAE pre-training (40/30/30 % AffectNet /
   # RAF-DB / FER2013+FER+), each image a new identity. 4000 rather than 1000 lifted the main job's
-  # validation P_VA from 0.45 to 0.57 (the encoder sees more faces than the ~35 training subjects).
+  # validation P_VA from 0.45 to 0.57 (the encoder sees more faces than the 34 training videos' subjects).
   data.synthetic = ml_collections.ConfigDict(dict(videos=48, frames=360, seed=0, face_images=4000))
   if resolve_size(args) == "smoke":
     data.synthetic.videos = 6

@@ -230,10 +230,10 @@ class Scorer:
       scores["au_tuned_thresholds"] = [float(t) for t in thresholds]
     scores["step"] = int(step)
     self._write_outputs(step, records, merged, scores, writer)
+    scalars = {k: v for k, v in scores.items() if np.isscalar(v)}
     logging.info("Validation %s at step %d: %s", task.name, step,
-                 {k: round(v, 4) for k, v in scores.items()
-                  if np.isscalar(v) and not k.startswith(("au_f1_AU", "expr_f1_"))})
-    return {k: v for k, v in scores.items() if np.isscalar(v)}
+                 {k: round(v, 4) for k, v in scalars.items() if not k.startswith(("au_f1_AU", "expr_f1_"))})
+    return scalars
 
   def _postprocess(self, outputs):
     # Submissions use the protocol's threshold; tuned thresholds are only reported as au_f1_tuned.
