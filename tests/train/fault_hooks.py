@@ -37,16 +37,23 @@ _KILL = os.environ.get("AFFECT_JAX_TEST_KILL")
 _fd = os.open(_EVENTS, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644) if _EVENTS else None
 _counts = {}
 _kill_armed = threading.Event()
+_event_lock = threading.Lock()  # `sigkill` is the last event: it holds this lock until the kill lands
 
 
-def _event(kind, **fields):
+def _write_event(kind, **fields):
   if _fd is not None:
     os.write(_fd, (json.dumps(dict(event=kind, pid=os.getpid(), time=time.time(), **fields)) + "\n")
              .encode())
 
 
+def _event(kind, **fields):
+  with _event_lock:
+    _write_event(kind, **fields)
+
+
 def _sigkill_self():
-  _event("sigkill")
+  _event_lock.acquire()  # never released: no thread logs another event between these two lines
+  _write_event("sigkill")
   os.kill(os.getpid(), signal.SIGKILL)
 
 
