@@ -1,7 +1,10 @@
 r"""Per-device memory of the full-size MAE pre-training step, compiled ahead of time on faked devices.
 
   python experiments/bench_memory.py [--cases=vit_b_2dev,vit_l_8dev] [--remat=none,encoder,all]
-      [--dtype=bfloat16] [--compile=true] [--out=results.jsonl]
+      [--dtype=bfloat16] [--compile=true] [--out=results.jsonl] [--global_batch=N]
+
+(`--cases=vit_b_1dev --global_batch=8 --dtype=float32 --remat=none` is the step of
+experiments/bench/mae_step.py, one device, for its compiled temporaries.)
 
 Builds the paper's MAE config (configs/mae_pretrain.py:size=paper: ViT-B/16 encoder, 8-block
 512-wide decoder, 75% masking, global batch 1024) or its ViT-L/16 variant, makes the train state
@@ -55,12 +58,14 @@ USABLE_FRACTION = 0.95
 
 # name: (ViT variant, number of devices, mesh)
 CASES = {
+    "vit_b_1dev": ("B", 1, (("data", 1), ("fsdp", 1), ("model", 1))),
     "vit_b_2dev": ("B", 2, (("data", 2), ("fsdp", 1), ("model", 1))),
     "vit_l_8dev": ("L", 8, (("data", 8), ("fsdp", 1), ("model", 1))),
     "vit_l_8dev_fsdp": ("L", 8, (("data", 1), ("fsdp", 8), ("model", 1))),
 }
 
-_CASES = flags.DEFINE_list("cases", list(CASES), f"Which of {list(CASES)}.")
+_CASES = flags.DEFINE_list("cases", [c for c in CASES if c != "vit_b_1dev"], f"Which of {list(CASES)}.")
+_GLOBAL_BATCH = flags.DEFINE_integer("global_batch", 0, "Global batch; 0 = the paper config's 1024.")
 _REMAT = flags.DEFINE_list("remat", ["none", "encoder", "all"], "Rematerialisation modes.")
 _DTYPE = flags.DEFINE_list("dtype", ["bfloat16"], "Compute dtypes (float32, bfloat16).")
 _COMPILE = flags.DEFINE_bool("compile", True, "Also compile (slow) for memory_analysis().")
@@ -108,7 +113,7 @@ def shard_bytes(abstract):
 def measure(case, remat, dtype, compile_step):
   """One case's per-device memory; returns a dict (GiB, seconds)."""
   config, model, tx, mesh = build(case, remat, dtype)
-  batch_size, size = config.optimizer.batch_size, config.model.image_size
+  batch_size, size = _GLOBAL_BATCH.value or config.optimizer.batch_size, config.model.image_size
   image = jax.ShapeDtypeStruct((batch_size, size, size, 3), jnp.float32)
   start = time.time()
   abstract, shardings, _ = trainer.abstract_train_state(
@@ -147,6 +152,7 @@ def measure(case, remat, dtype, compile_step):
       "cpu_output_gib": round(memory.output_size_in_bytes / GIB, 2),
       "cpu_alias_gib": round(memory.alias_size_in_bytes / GIB, 2),
       "cpu_temp_gib": round(memory.temp_size_in_bytes / GIB, 2),
+      "cpu_temp_mib": round(memory.temp_size_in_bytes / 2**20),
       "cpu_peak_gib": round(peak / GIB, 2),
       "cpu_peak_fits_24gb": peak <= USABLE_FRACTION * CARD_BYTES,
       "lower_s": round(lowered_at - start, 1), "compile_s": round(compiled_at - lowered_at, 1),

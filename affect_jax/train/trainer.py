@@ -134,7 +134,11 @@ def make_train_step(loss_fn, tx, state_shardings, mesh, seed):
   """Jitted update. `loss_fn(params, batch_stats, batch, rngs) -> (loss, (metrics, batch_stats))`.
 
   A non-finite loss or gradient never changes the state: the update is dropped and counted in
-  `skipped_updates`; the host decides whether to stop (config.on_nonfinite).
+  `skipped_updates`; the host decides whether to stop (config.on_nonfinite). The guard is a
+  `lax.cond` around the optimiser update, not a select between old and new state: a select
+  keeps the new parameters and optimiser moments alive beside the donated old ones (compiled
+  MAE ViT-B/16 step at batch 8: 1868 MiB of temporaries with the select, 1639 with the cond,
+  the same as no guard at all; experiments/bench/RESULTS.md).
   """
   base_rng = jax.random.key(seed)
 
@@ -147,14 +151,23 @@ def make_train_step(loss_fn, tx, state_shardings, mesh, seed):
     with jax.sharding.use_abstract_mesh(mesh.abstract_mesh), nn.logical_axis_rules(
         partitioning.LOGICAL_AXIS_RULES):
       (loss, (metrics, batch_stats)), grads = grad_fn(state.params, state.batch_stats, batch, rngs)
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
     finite = jnp.isfinite(loss) & jnp.all(jnp.asarray(
         [jnp.all(jnp.isfinite(g)) for g in jax.tree_util.tree_leaves(grads)]))
-    keep = lambda new, old: jax.tree_util.tree_map(lambda n, o: jnp.where(finite, n, o), new, old)
+
+    def apply_update(operands):
+      grads, params, opt_state, new_batch_stats, _ = operands
+      updates, opt_state = tx.update(grads, opt_state, params)
+      return optax.apply_updates(params, updates), opt_state, new_batch_stats
+
+    def skip_update(operands):
+      _, params, opt_state, _, old_batch_stats = operands
+      return params, opt_state, old_batch_stats
+
+    params, opt_state, batch_stats = jax.lax.cond(
+        finite, apply_update, skip_update,
+        (grads, state.params, state.opt_state, batch_stats, state.batch_stats))
     new_state = state.replace(
-        step=state.step + 1, params=keep(params, state.params), opt_state=keep(opt_state, state.opt_state),
-        batch_stats=keep(batch_stats, state.batch_stats),
+        step=state.step + 1, params=params, opt_state=opt_state, batch_stats=batch_stats,
         skipped_updates=state.skipped_updates + (~finite).astype(jnp.int32))
     metrics = dict(metrics, loss=loss, finite=finite, grad_norm=optax.global_norm(grads))
     return new_state, metrics

@@ -9,7 +9,9 @@ experiments/bench/pipelines.py writes it), then one epoch of the temporal stage'
 --temporal_size preset of configs/va.py (tiny: batch 8, windows of 300 every 200 frames): Grain's
 `train_segments_pipeline` feeding `trainer.make_train_step`, steps_per_epoch = windows // batch as
 train/temporal.py computes it. The epoch is timed after one warm-up step (compilation). Each size
-runs in its own process; its peak RSS (VmHWM, whole process, compilation included) is the memory.
+trains in its own process on a store that another process wrote before (so the writer's buffers
+are not counted); the trainer's peak RSS (VmHWM, whole process, compilation included) is the
+memory, and the writer's peak is reported beside it.
 
 Extraction: the extract stage's loop (`pipelines.eval_frames_pipeline` -> jitted encoder ->
 features to the host) with the tiny preset's encoder (64x64, configs/extract.py:size=tiny) over
@@ -33,6 +35,7 @@ import numpy as np
 from experiments import bench_loader
 from experiments.bench import harness
 from experiments.bench import pipelines as bench_pipelines
+from affect_jax.data import feature_store
 from affect_jax.data import pipelines
 from affect_jax.models import classifier as classifier_lib
 from affect_jax.models import temporal as temporal_lib
@@ -47,55 +50,55 @@ FRAMES_PER_VIDEO = flags.DEFINE_integer("frames_per_video", 600, "Frames per syn
 EXTRACT_FRAMES = flags.DEFINE_integer("extract_frames", 256, "Frames at 1x for extraction.")
 TEMPORAL_SIZE = flags.DEFINE_enum("temporal_size", "tiny", ["smoke", "tiny", "paper"],
                                   "configs/va.py size of the temporal model.")
-GROWTH_CHILD = flags.DEFINE_string("growth_child", None, "Internal: 'temporal:N' or 'extract:N'.")
+GROWTH_CHILD = flags.DEFINE_string("growth_child", None,
+                                   "Internal: 'store:N:DIR', 'temporal:N:DIR' or 'extract:N'.")
 
 
-def temporal_epoch(num_videos, frames, size):
-  """(seconds for one epoch, steps, windows) of the temporal stage over num_videos videos."""
+def temporal_epoch(store_dir, size):
+  """(seconds for one epoch, steps, windows) of the temporal stage over the store in store_dir."""
   config = va.get_config(f"size={size}")
   task = tasks.TASKS["va"]
-  with tempfile.TemporaryDirectory() as tmp:
-    source = bench_pipelines.write_store(tmp, num_videos, frames)
-    lengths = pipelines.video_lengths(source)
-    num_windows = len(pipelines.segment_table(lengths, config.window, config.stride))
-    batch = config.optimizer.batch_size
-    steps = max(1, num_windows // batch)
-    model = temporal_lib.temporal_model_from_config(config.model, task.num_outputs)
-    tx, _ = optimizer_lib.make_optimizer(config.optimizer, steps)
-    mesh = trainer.make_mesh(config.mesh, jax.devices()[:1])
-    init_inputs = dict(
-        features=jax.ShapeDtypeStruct((batch, config.window, bench_pipelines.FEATURE_DIM), jnp.float32),
-        frame_mask=jax.ShapeDtypeStruct((batch, config.window), jnp.bool_))
-    state, shardings = trainer.create_train_state(model, tx, init_inputs, jax.random.key(0), mesh)
+  source = feature_store.open_feature_store(store_dir, "train")
+  lengths = pipelines.video_lengths(source)
+  num_windows = len(pipelines.segment_table(lengths, config.window, config.stride))
+  batch = config.optimizer.batch_size
+  steps = max(1, num_windows // batch)
+  model = temporal_lib.temporal_model_from_config(config.model, task.num_outputs)
+  tx, _ = optimizer_lib.make_optimizer(config.optimizer, steps)
+  mesh = trainer.make_mesh(config.mesh, jax.devices()[:1])
+  init_inputs = dict(
+      features=jax.ShapeDtypeStruct((batch, config.window, bench_pipelines.FEATURE_DIM), jnp.float32),
+      frame_mask=jax.ShapeDtypeStruct((batch, config.window), jnp.bool_))
+  state, shardings = trainer.create_train_state(model, tx, init_inputs, jax.random.key(0), mesh)
 
-    def loss_fn(params, batch_stats, batch, rngs):  # as in train/temporal.py
-      variables = {"params": params}
-      if batch_stats:
-        variables["batch_stats"] = batch_stats
-      outputs, mutated = model.apply(variables, batch["features"], batch["frame_mask"], train=True,
-                                     rngs=rngs, mutable=["batch_stats"])
-      loss = task.loss(outputs.astype(jnp.float32), batch, task.valid(batch))
-      return loss, ({}, mutated.get("batch_stats", batch_stats))
+  def loss_fn(params, batch_stats, batch, rngs):  # as in train/temporal.py
+    variables = {"params": params}
+    if batch_stats:
+      variables["batch_stats"] = batch_stats
+    outputs, mutated = model.apply(variables, batch["features"], batch["frame_mask"], train=True,
+                                   rngs=rngs, mutable=["batch_stats"])
+    loss = task.loss(outputs.astype(jnp.float32), batch, task.valid(batch))
+    return loss, ({}, mutated.get("batch_stats", batch_stats))
 
-    step = trainer.make_train_step(loss_fn, tx, shardings, mesh, config.seed)
-    iterator = pipelines.train_segments_pipeline(
-        source, batch_size=batch, window=config.window, stride=config.stride,
-        jitter=config.stride // 2 if config.jitter else 0, seed=0, num_frames=lengths,
-        num_workers=config.num_workers)
-    keys = ("features", "frame_mask", "va", "va_valid")
+  step = trainer.make_train_step(loss_fn, tx, shardings, mesh, config.seed)
+  iterator = pipelines.train_segments_pipeline(
+      source, batch_size=batch, window=config.window, stride=config.stride,
+      jitter=config.stride // 2 if config.jitter else 0, seed=0, num_frames=lengths,
+      num_workers=config.num_workers)
+  keys = ("features", "frame_mask", "va", "va_valid")
 
-    def one_step(state):
-      local = next(iterator)
-      state, metrics = step(state, trainer.to_global_batch({k: local[k] for k in keys}, mesh))
-      return state, metrics
+  def one_step(state):
+    local = next(iterator)
+    state, metrics = step(state, trainer.to_global_batch({k: local[k] for k in keys}, mesh))
+    return state, metrics
 
-    state, metrics = one_step(state)  # compiles
-    jax.block_until_ready(metrics["loss"])
-    start = time.perf_counter()
-    for _ in range(steps):
-      state, metrics = one_step(state)
-    jax.block_until_ready(metrics["loss"])
-    return time.perf_counter() - start, steps, num_windows
+  state, metrics = one_step(state)  # compiles
+  jax.block_until_ready(metrics["loss"])
+  start = time.perf_counter()
+  for _ in range(steps):
+    state, metrics = one_step(state)
+  jax.block_until_ready(metrics["loss"])
+  return time.perf_counter() - start, steps, num_windows
 
 
 def extraction(num_frames, records):
@@ -127,18 +130,24 @@ def extraction(num_frames, records):
 
 
 def child(spec):
-  kind, n = spec.split(":")
+  kind, n, store_dir = (spec.split(":") + [""])[:3]
   n = int(n)
   frames = 400 if harness.QUICK.value else FRAMES_PER_VIDEO.value
-  if kind == "temporal":
-    seconds, steps, windows = temporal_epoch(n, frames, "smoke" if harness.QUICK.value else TEMPORAL_SIZE.value)
+  if kind == "store":
+    bench_pipelines.write_store(store_dir, n, frames)
+    out = {}
+  elif kind == "temporal":
+    seconds, steps, windows = temporal_epoch(store_dir, "smoke" if harness.QUICK.value else TEMPORAL_SIZE.value)
     out = dict(seconds=seconds, steps=steps, windows=windows)
   else:
     records = bench_loader.synthetic_faces(64, 112)
     out = dict(seconds=extraction(n, records))
   with open("/proc/self/status") as f:
-    peak = [int(line.split()[1]) for line in f if line.startswith("VmHWM:")][0]
-  out["peak_mib"] = peak / 1024
+    status = {line.split(":")[0]: line.split()[1:] for line in f}
+  out["peak_mib"] = int(status["VmHWM"][0]) / 1024
+  # Resident now, split: anonymous (heap) vs file-backed (mapped files, e.g. the store's pages).
+  out["anon_mib"] = int(status["RssAnon"][0]) / 1024
+  out["file_mib"] = int(status["RssFile"][0]) / 1024
   print("GROWTH " + json.dumps(out), flush=True)
 
 
@@ -164,12 +173,15 @@ def main(argv):
   rows = []
   first = None
   for n in counts:
-    r = run_child(f"temporal:{n}")
+    with tempfile.TemporaryDirectory() as store_dir:
+      written = run_child(f"store:{n}:{store_dir}")
+      r = run_child(f"temporal:{n}:{store_dir}")
     per_step = r["seconds"] / r["steps"]
     first = first or r
     rows.append(f"| temporal epoch | {n} videos ({r['windows']} windows, {r['steps']} steps) | "
                 f"{r['seconds']:.2f} s | {per_step * 1000:.0f} ms/step "
-                f"(x{per_step / (first['seconds'] / first['steps']):.2f} of the smallest) | {r['peak_mib']:.0f} |")
+                f"(x{per_step / (first['seconds'] / first['steps']):.2f} of the smallest) | {r['peak_mib']:.0f} "
+                f"(writer of the store: {written['peak_mib']:.0f}) |")
     print(rows[-1], flush=True)
   first = None
   for mult in (1, 4, 16):
