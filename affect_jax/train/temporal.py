@@ -94,6 +94,21 @@ def _model_inputs(batch):
   return {k: batch[k] for k in MODEL_KEYS}
 
 
+def make_loss_fn(model, task):
+  """`loss_fn(params, batch_stats, batch, rngs)` of the temporal stage for `trainer.make_train_step`."""
+
+  def loss_fn(params, batch_stats, batch, rngs):
+    variables = {"params": params}
+    if batch_stats:
+      variables["batch_stats"] = batch_stats
+    outputs, mutated = model.apply(variables, batch["features"], batch["frame_mask"], train=True,
+                                   rngs=rngs, mutable=["batch_stats"])
+    loss = task.loss(outputs.astype(jnp.float32), batch, task.valid(batch))
+    return loss, ({}, mutated.get("batch_stats", batch_stats))
+
+  return loss_fn
+
+
 def train_and_evaluate(config, workdir):
   """Trains the temporal model for config.task and writes its validation scores."""
   task = tasks.TASKS[config.task]
@@ -130,17 +145,7 @@ def train_and_evaluate(config, workdir):
                config.task, sum(x.size for x in jax.tree_util.tree_leaves(state.params)), num_windows,
                steps_per_epoch, num_steps)
 
-  def loss_fn(params, batch_stats, batch, rngs):
-    variables = {"params": params}
-    if batch_stats:
-      variables["batch_stats"] = batch_stats
-    outputs, mutated = model.apply(variables, batch["features"], batch["frame_mask"], train=True,
-                                   rngs=rngs, mutable=["batch_stats"])
-    outputs = outputs.astype(jnp.float32)
-    loss = task.loss(outputs, batch, task.valid(batch))
-    return loss, ({}, mutated.get("batch_stats", batch_stats))
-
-  train_step = trainer.make_train_step(loss_fn, tx, state_shardings, mesh, config.seed)
+  train_step = trainer.make_train_step(make_loss_fn(model, task), tx, state_shardings, mesh, config.seed)
 
   def predict(state, batch):
     variables = {"params": state.params}

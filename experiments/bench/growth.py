@@ -41,6 +41,7 @@ from affect_jax.models import classifier as classifier_lib
 from affect_jax.models import temporal as temporal_lib
 from affect_jax.train import optimizer as optimizer_lib
 from affect_jax.train import tasks
+from affect_jax.train import temporal as temporal_train
 from affect_jax.train import trainer
 from configs import extract
 from configs import va
@@ -71,16 +72,8 @@ def temporal_epoch(store_dir, size):
       frame_mask=jax.ShapeDtypeStruct((batch, config.window), jnp.bool_))
   state, shardings = trainer.create_train_state(model, tx, init_inputs, jax.random.key(0), mesh)
 
-  def loss_fn(params, batch_stats, batch, rngs):  # as in train/temporal.py
-    variables = {"params": params}
-    if batch_stats:
-      variables["batch_stats"] = batch_stats
-    outputs, mutated = model.apply(variables, batch["features"], batch["frame_mask"], train=True,
-                                   rngs=rngs, mutable=["batch_stats"])
-    loss = task.loss(outputs.astype(jnp.float32), batch, task.valid(batch))
-    return loss, ({}, mutated.get("batch_stats", batch_stats))
-
-  step = trainer.make_train_step(loss_fn, tx, shardings, mesh, config.seed)
+  step = trainer.make_train_step(temporal_train.make_loss_fn(model, task), tx, shardings, mesh,
+                                 config.seed)
   iterator = pipelines.train_segments_pipeline(
       source, batch_size=batch, window=config.window, stride=config.stride,
       jitter=config.stride // 2 if config.jitter else 0, seed=0, num_frames=lengths,

@@ -24,6 +24,7 @@ from experiments.bench import harness
 from affect_jax.models import temporal as temporal_lib
 from affect_jax.train import optimizer as optimizer_lib
 from affect_jax.train import tasks
+from affect_jax.train import temporal as temporal_train
 from affect_jax.train import trainer
 from configs import va
 
@@ -62,16 +63,8 @@ def make_ours(config, batch_np, mesh=None):
                      frame_mask=jax.ShapeDtypeStruct(batch_np["frame_mask"].shape, jnp.bool_))
   state, shardings = trainer.create_train_state(model, tx, init_inputs, jax.random.key(0), mesh)
 
-  def loss_fn(params, batch_stats, batch, rngs):  # as in train/temporal.py
-    variables = {"params": params}
-    if batch_stats:
-      variables["batch_stats"] = batch_stats
-    outputs, mutated = model.apply(variables, batch["features"], batch["frame_mask"], train=True,
-                                   rngs=rngs, mutable=["batch_stats"])
-    loss = task.loss(outputs.astype(jnp.float32), batch, task.valid(batch))
-    return loss, ({}, mutated.get("batch_stats", batch_stats))
-
-  step = trainer.make_train_step(loss_fn, tx, shardings, mesh, config.seed)
+  step = trainer.make_train_step(temporal_train.make_loss_fn(model, task), tx, shardings, mesh,
+                                 config.seed)
   device_batch = trainer.to_global_batch(batch_np, mesh)
   gflop = harness.flops(step, state, device_batch)
   holder = [state]
