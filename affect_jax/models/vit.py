@@ -27,6 +27,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from affect_jax.models import attention
 from affect_jax.models import partitioning as P
 
 Dtype = Any
@@ -174,8 +175,8 @@ class Attention(nn.Module):
 
   ``key_mask`` [B, T] (True = real) hides keys, so masked positions never
   influence any query. Attention-weight dropout (PyTorch ``nn.MultiheadAttention``
-  semantics) needs the explicit softmax path; otherwise
-  ``jax.nn.dot_product_attention`` is used.
+  semantics) needs the explicit softmax path; otherwise ``attention.dot_product_attention``,
+  whose backward pass recomputes the weights instead of keeping them.
   """
 
   num_heads: int
@@ -204,7 +205,7 @@ class Attention(nn.Module):
       weights = Dropout(self.attention_dropout)(weights, deterministic=False)
       out = jnp.einsum('bhqk,bkhd->bqhd', weights.astype(self.dtype), value)
     else:
-      out = jax.nn.dot_product_attention(query, key, value, mask=mask)
+      out = attention.dot_product_attention(query, key, value, mask)
     out = out.reshape(batch, length, width)
     out = dense(width, (P.HEADS, P.EMBED), self.dtype, 'proj')(out)
     return Dropout(self.dropout)(out, deterministic=not train)
