@@ -2,11 +2,11 @@
 
 ``jax.nn.dot_product_attention`` on CPU (its XLA implementation) differentiates through the
 softmax, so the backward pass keeps the ``[B, H, T, T]`` weights and the exponentials of every
-layer alive from the forward pass. Here the forward pass keeps only q, k, v, the output and each
-query's softmax maximum and normaliser; the backward pass recomputes the weights from them, as flash attention does
-(Dao et al. 2022, without the tiling). Same values and gradients (float32 rounding aside); for the
-MAE ViT-B/16 step at batch 8 on CPU, compiled temporaries fall from 1639 to 1332 MiB and the step
-is faster (experiments/bench/RESULTS.md). Without differentiation it is jax.nn's function.
+layer alive from the forward pass. Here the forward pass keeps only q, k, v and each query's
+softmax maximum and normaliser; the backward pass recomputes the weights from them, as flash
+attention does (Dao et al. 2022, without the tiling). Same values and gradients (float32 rounding
+aside); for the MAE ViT-B/16 step at batch 8 on CPU, compiled temporaries fall from 1639 to
+1313 MiB and the step is faster (experiments/bench/RESULTS.md). Without differentiation it is jax.nn's function.
 
 Layouts follow ``jax.nn.dot_product_attention``: q, k, v ``[B, T, H, D]``; ``mask`` broadcastable
 to ``[B, H, T, S]`` (True = attend). Scores and softmax are float32 whatever the input dtype; the
@@ -34,16 +34,18 @@ def _forward(query, key, value, mask):
   out = jnp.einsum('bhqk,bkhd->bqhd', (unnormalised / total).astype(value.dtype), value)
   # peak and total separately: peak + log(total) rounds back to peak when a query sees no key
   # (every score is finfo.min), and the weights would come back as 1 instead of 1 / S.
-  return out, (query, key, value, mask, out, peak, total)
+  return out, (query, key, value, mask, peak, total)
 
 
 def _backward(residuals, grad_out):
-  query, key, value, mask, out, peak, total = residuals
+  query, key, value, mask, peak, total = residuals
   weights = jnp.exp(_scores(query, key, mask) - peak) / total  # recomputed, never stored
   grad_value = jnp.einsum('bhqk,bqhd->bkhd', weights.astype(grad_out.dtype), grad_out)
   grad_weights = jnp.einsum('bqhd,bkhd->bhqk', grad_out, value, preferred_element_type=jnp.float32)
-  # sum_k weights * grad_weights = <grad_out, out> per query (softmax's Jacobian), as [B, H, T, 1].
-  row_dot = (grad_out.astype(jnp.float32) * out.astype(jnp.float32)).sum(-1).transpose(0, 2, 1)[..., None]
+  # Softmax's VJP. sum_k weights * grad_weights equals <grad_out, out> per query in exact
+  # arithmetic; summing it from the weights keeps sum_k grad_scores at rounding level, so the
+  # key bias (which the softmax cannot see) gets no gradient, as with autodiff of the softmax.
+  row_dot = (weights * grad_weights).sum(-1, keepdims=True)
   grad_scores = weights * (grad_weights - row_dot) / np.sqrt(query.shape[-1]).astype(np.float32)
   if mask is not None:  # masked scores are constants
     grad_scores = jnp.where(mask, grad_scores, 0.0)
