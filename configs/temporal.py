@@ -20,7 +20,7 @@ def get_temporal_config(task, arg=None):
   # tiny: 15 epochs, not 60. On the synthetic default every temporal model peaks early and then
   # overfits: the fine-tuned encoder has seen the training videos' labels, so their features are
   # far cleaner than validation's (a ridge probe: CCC 0.86 on train, 0.50 on validation).
-  # 60 -> 15 epochs: VA P_VA 0.549 -> 0.565 (full model, 5 seeds; experiments/RESULTS_ablation.md).
+  # 60 -> 15 epochs: VA P_VA 0.549 (3 seeds) -> 0.565 (5 seeds), full model; RESULTS_ablation.md.
   epochs = {"smoke": 2, "tiny": 15, "paper": common.TEMPORAL_EPOCHS[task]}[size]
   config.optimizer = common.optimizer_config(
       lr=common.TEMPORAL_LR if size == "paper" else 1e-3, weight_decay=common.TEMPORAL_WEIGHT_DECAY,
