@@ -8,6 +8,7 @@ every upstream stage already there:
 """
 
 import importlib
+import json
 import os
 
 from absl import logging
@@ -96,3 +97,46 @@ def save_config(config, directory):
   with open(path + ".tmp", "w") as f:
     f.write(config.to_json_best_effort(indent=1))
   os.replace(path + ".tmp", path)
+
+
+def _flatten(tree, prefix=""):
+  if isinstance(tree, dict):
+    flat = {}
+    for key, value in tree.items():
+      flat.update(_flatten(value, f"{prefix}{key}."))
+    return flat
+  return {prefix[:-1]: tree}
+
+
+def config_differences(directory, config):
+  """Settings in which `directory`/config.json (what `save_config` wrote) differs from `config`.
+
+  Returns lines 'key: <saved> in PATH, <value> in this run', or None without a config.json.
+  """
+  path = os.path.join(directory, "config.json")
+  if not os.path.exists(path):
+    return None
+  with open(path) as f:
+    saved = _flatten(json.load(f))
+  current = _flatten(json.loads(config.to_json_best_effort()))
+  return [f"{key}: {saved[key]!r} in {path}, {current[key]!r} in this run"
+          for key in sorted(saved.keys() & current.keys()) if saved[key] != current[key]]
+
+
+def explain_incompatible(error, checkpoint_directory, upstream_config):
+  """`error` (an IncompatibleCheckpointError from the upstream stage's checkpoint) plus the
+  settings of the run that wrote it which differ from `upstream_config`, the settings this run
+  expects that stage to have had."""
+  stage_folder = os.path.dirname(os.path.abspath(checkpoint_directory).rstrip("/"))
+  differences = config_differences(stage_folder, upstream_config)
+  if differences is None:
+    detail = f"No config.json in {stage_folder} tells which settings made it."
+  elif differences:
+    detail = ("It was made with other settings of stage " + repr(upstream_config.stage) + ":\n  "
+              + "\n  ".join(differences[:20]))
+  else:
+    detail = f"{stage_folder}/config.json names the same settings as this run."
+  return type(error)(
+      f"{error}\n{detail}\nThis is a configuration mismatch, not damage: nothing was moved. Run "
+      f"with the settings that made the checkpoint, or point config.init_from at a checkpoint made "
+      f"with this run's, or remove {stage_folder} to make it again.")

@@ -236,7 +236,9 @@ def restore_params(directory, abstract_params=None):
   """The `state` pytree (params, batch stats, ...) of the newest restorable checkpoint in `directory`.
 
   Used to start a stage from the previous stage's result. A damaged newest checkpoint is reported
-  and the next older one used (the folder belongs to the other stage, so nothing is moved).
+  and the next older one used (the folder belongs to the other stage, so nothing is moved). With
+  `abstract_params`, a checkpoint whose shapes differ from it is refused (IncompatibleCheckpointError
+  naming the parameters), never taken for a damaged one.
   """
   checkpointer = Checkpointer(directory, async_save=False)
   try:
@@ -246,6 +248,9 @@ def restore_params(directory, abstract_params=None):
     damaged = []
     for step in steps:
       where = os.path.join(checkpointer.directory, str(step))
+      if abstract_params is not None:
+        # Other shapes are another configuration, not damage: refused before any restore is tried.
+        check_compatible(checkpointer.item_shapes(step), abstract_params, where)
       try:
         restored = checkpointer.manager.restore(
             step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_params)))

@@ -60,7 +60,10 @@ def encoder_features(config, workdir, mesh):
       config.model, mae_finetune.head_size(tuple(config.upstream.finetune_tasks)))
   directory = trainer.upstream_checkpoint(config, workdir)
   abstract = finetune_abstract_params(config, mesh)
-  params = checkpointing.restore_params(directory, abstract).params
+  try:
+    params = checkpointing.restore_params(directory, abstract).params
+  except checkpointing.IncompatibleCheckpointError as e:
+    raise stages.explain_incompatible(e, directory, config.upstream) from e
   logging.info("Extracting features with the encoder in %s", directory)
   param_shardings = jax.tree_util.tree_map(lambda x: x.sharding, abstract.params)
   batch_sharding = trainer.batch_sharding(mesh)

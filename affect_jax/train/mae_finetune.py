@@ -9,8 +9,6 @@ Starts from, in order: its own newest checkpoint in W/mae_finetune, the MAE chec
 EXPR macro F1 over all 8 classes on every validation frame with a face and a valid label.
 """
 
-import os
-
 from absl import logging
 from flax import linen as nn
 import jax
@@ -101,15 +99,10 @@ def restore_mae_encoder(config, directory, mesh, batch_size):
   nothing is ever whole on one host. The checkpoint must be of `config.upstream`'s MAE.
   """
   abstract = mae_abstract_state(config, mesh, batch_size)
-  checkpointer = checkpointing.Checkpointer(directory, async_save=False)
   try:
-    latest = checkpointer.latest_step()
-    if latest is not None:
-      checkpointing.check_compatible(checkpointer.item_shapes(latest), abstract,
-                                     os.path.join(checkpointer.directory, str(latest)))
-  finally:
-    checkpointer.close()
-  return checkpointing.restore_params(directory, abstract).params["encoder"]
+    return checkpointing.restore_params(directory, abstract).params["encoder"]
+  except checkpointing.IncompatibleCheckpointError as e:
+    raise stages.explain_incompatible(e, directory, config.upstream) from e
 
 
 def create_state_from_mae(model, tx, init_inputs, rng, mesh, mae_encoder):

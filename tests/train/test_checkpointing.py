@@ -168,6 +168,22 @@ def test_upstream_restore_falls_back_and_leaves_the_folder_alone(four_steps, tmp
     checkpointing.restore_params(directory)
 
 
+def test_upstream_restore_of_another_shape_is_a_mismatch_not_damage(four_steps, tmp_path, caplog):
+  # A previous stage's checkpoint made with other settings (e.g. another head size) used to be
+  # logged as "damaged" step by step; it is refused at once, naming the parameters, nothing moved.
+  workdir = shutil.copytree(four_steps, tmp_path / "w")
+  directory = os.path.join(workdir, "checkpoints")
+  wider = abstract_of(tiny_loop(tmp_path / "wider", num_train_steps=1, width=5).state)
+  with caplog.at_level(logging.WARNING), pytest.raises(checkpointing.IncompatibleCheckpointError) as error:
+    checkpointing.restore_params(directory, wider)
+  assert f"Checkpoint {directory}/4 does not fit this config" in str(error.value)
+  assert "params/hidden/kernel: checkpoint (3, 4), config (3, 5)" in str(error.value)
+  assert not any("damaged" in r.getMessage() for r in caplog.records)
+  assert step_folders(directory) == ["2", "3", "4"] and not os.path.exists(directory + ".damaged")
+  same = abstract_of(tiny_loop(tmp_path / "same", num_train_steps=1).state)
+  assert int(jax.device_get(checkpointing.restore_params(directory, same).step)) == 4
+
+
 def test_retired_steps_leave_the_listing_atomically(tmp_path, caplog):
   # Orbax deletes a retired step file by file; SIGKILL in the middle used to leave a listed step
   # without state/_METADATA. Retired steps are now renamed out of the listing first.

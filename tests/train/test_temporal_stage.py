@@ -225,3 +225,23 @@ def test_au_stage_scores_every_annotated_frame_and_rescores_with_sklearn(smoke_c
   assert latest["num_frames"] == valid.sum()
   np.testing.assert_allclose(latest["au_f1"], want, atol=1e-5)
   assert latest["au_f1_tuned"] >= latest["au_f1"] - 1e-6  # 0.5 is among the thresholds tried
+
+
+def test_extract_names_the_setting_when_the_fine_tuned_encoder_was_made_otherwise(smoke_chain,
+                                                                                  jax_cache_dir,
+                                                                                  tmp_path):
+  # The smoke chain fine-tuned on EXPR alone (8 outputs); an extract run expecting EXPR + VA (10)
+  # must say which setting differs, not take the checkpoint for damaged and retrain the stage.
+  workdir = copy_workdir(smoke_chain, str(tmp_path / "W"), stages_to_copy=["data", "mae_finetune"])
+  steps_before = sorted(os.listdir(os.path.join(workdir, "mae_finetune", "checkpoints")))
+  result = run_stage(jax_cache_dir, "configs/extract.py:size=smoke", workdir,
+                     "--config.upstream.finetune_tasks=('expr','va')")
+  assert result.returncode != 0
+  out = result.stdout
+  assert "IncompatibleCheckpointError" in out and "does not fit this config" in out, out[-3000:]
+  assert "params/head/kernel: checkpoint" in out and "params/head/bias: checkpoint (8,), config (10,)" in out
+  config_json = os.path.join(workdir, "mae_finetune", "config.json")
+  assert f"finetune_tasks: ['expr'] in {config_json}, ['expr', 'va'] in this run" in out
+  assert "configuration mismatch, not damage" in out and "damaged" not in out
+  assert sorted(os.listdir(os.path.join(workdir, "mae_finetune", "checkpoints"))) == steps_before
+  assert not os.path.exists(os.path.join(workdir, "features", "affwild2_features"))
