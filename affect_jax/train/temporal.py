@@ -32,6 +32,19 @@ from affect_jax.train import trainer
 
 MODEL_KEYS = ("features", "frame_mask", "va", "va_valid", "expr", "expr_valid", "au", "au_valid")
 
+# XLA's CPU backend hands matmuls and convolutions to YNNPACK by default. For this model's training
+# step Eigen is faster: paper preset (32 x 300 x 768) 1.16x in an A/B of the same step in one
+# process (6 rounds, 1.09-1.21), the tiny preset equal (0.995x); the MAE steps are slower with
+# Eigen (0.85x, experiments/bench flag_sweep), so it is chosen for this compiled step only, not
+# process-wide through XLA_FLAGS (experiments/bench/RESULTS.md).
+CPU_COMPILER_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": ""}
+
+
+def compiler_options():
+  """XLA options the temporal training step is compiled with on this backend (None: defaults)."""
+  return dict(CPU_COMPILER_OPTIONS) if jax.default_backend() == "cpu" else None
+
+
 
 def _video_id(record):
   value = record["video_id"]
@@ -145,7 +158,8 @@ def train_and_evaluate(config, workdir):
                config.task, sum(x.size for x in jax.tree_util.tree_leaves(state.params)), num_windows,
                steps_per_epoch, num_steps)
 
-  train_step = trainer.make_train_step(make_loss_fn(model, task), tx, state_shardings, mesh, config.seed)
+  train_step = trainer.make_train_step(make_loss_fn(model, task), tx, state_shardings, mesh, config.seed,
+                                      compiler_options=compiler_options())
 
   def predict(state, batch):
     variables = {"params": state.params}

@@ -130,8 +130,8 @@ def create_train_state(model, tx, init_inputs, rng, mesh, *, params_override=Non
   return state, shardings
 
 
-def make_train_step(loss_fn, tx, state_shardings, mesh, seed):
-  """Jitted update. `loss_fn(params, batch_stats, batch, rngs) -> (loss, (metrics, batch_stats))`.
+def make_train_step(loss_fn, tx, state_shardings, mesh, seed, compiler_options=None):
+  """Jitted update (compiled with XLA `compiler_options`, e.g. a stage's CPU kernel choice). `loss_fn(params, batch_stats, batch, rngs) -> (loss, (metrics, batch_stats))`.
 
   A non-finite loss or gradient never changes the state: the update is dropped and counted in
   `skipped_updates`; the host decides whether to stop (config.on_nonfinite). The guard is a
@@ -173,7 +173,8 @@ def make_train_step(loss_fn, tx, state_shardings, mesh, seed):
     return new_state, metrics
 
   return jax.jit(step, in_shardings=(state_shardings, batch_sharding(mesh)),
-                 out_shardings=(state_shardings, replicated(mesh)), donate_argnums=0)
+                 out_shardings=(state_shardings, replicated(mesh)), donate_argnums=0,
+                 compiler_options=compiler_options)
 
 
 class Preemption:

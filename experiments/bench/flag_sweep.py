@@ -7,7 +7,8 @@ XLA flags and the PRNG implementation are fixed when a process starts, so each v
 persistent worker subprocess (this module with --worker) that builds and warms up one case; the
 parent then asks the workers in turn for one timed call, A B C A B C ..., and reports medians and
 per-round ratios against the first variant. Variants:
-  jax         JAX's defaults (what the package runs with: it sets no flags, see RESULTS.md)
+  jax         JAX's defaults (the package sets no process-wide flag; its temporal step is
+              compiled with Eigen through a per-function compiler option, see RESULTS.md)
   eigen       jax + XLA_FLAGS=--xla_cpu_experimental_ynn_fusion_type= (Eigen, not YNNPACK)
   rbg         jax + JAX_DEFAULT_PRNG_IMPL=unsafe_rbg
   eigen_rbg   both

@@ -73,7 +73,7 @@ def temporal_epoch(store_dir, size):
   state, shardings = trainer.create_train_state(model, tx, init_inputs, jax.random.key(0), mesh)
 
   step = trainer.make_train_step(temporal_train.make_loss_fn(model, task), tx, shardings, mesh,
-                                 config.seed)
+                                 config.seed, compiler_options=temporal_train.compiler_options())
   iterator = pipelines.train_segments_pipeline(
       source, batch_size=batch, window=config.window, stride=config.stride,
       jitter=config.stride // 2 if config.jitter else 0, seed=0, num_frames=lengths,

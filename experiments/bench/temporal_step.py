@@ -64,7 +64,7 @@ def make_ours(config, batch_np, mesh=None):
   state, shardings = trainer.create_train_state(model, tx, init_inputs, jax.random.key(0), mesh)
 
   step = trainer.make_train_step(temporal_train.make_loss_fn(model, task), tx, shardings, mesh,
-                                 config.seed)
+                                 config.seed, compiler_options=temporal_train.compiler_options())
   device_batch = trainer.to_global_batch(batch_np, mesh)
   gflop = harness.flops(step, state, device_batch)
   holder = [state]

@@ -45,6 +45,7 @@ def _run(kind, mesh_sizes, devices, with_gradient=False):
   from affect_jax.models import temporal as temporal_lib  # pylint: disable=g-import-not-at-top
   from affect_jax.train import optimizer as optimizer_lib  # pylint: disable=g-import-not-at-top
   from affect_jax.train import tasks  # pylint: disable=g-import-not-at-top
+  from affect_jax.train import temporal as temporal_train  # pylint: disable=g-import-not-at-top
   from affect_jax.train import trainer  # pylint: disable=g-import-not-at-top
   from configs import mae_pretrain, va  # pylint: disable=g-import-not-at-top
 
@@ -98,7 +99,9 @@ def _run(kind, mesh_sizes, devices, with_gradient=False):
     rngs = {"dropout": jax.random.key(1), "mask": jax.random.key(2)}
     gradient = jax.device_get(jax.jit(jax.grad(lambda p: loss_fn(p, state.batch_stats, batch, rngs)[0]))(
         state.params))
-  step = trainer.make_train_step(loss_fn, tx, shardings, mesh, config.seed)
+  # The temporal stage's step is compiled with its own XLA options (affect_jax.train.temporal).
+  options = temporal_train.compiler_options() if kind == "temporal" else None
+  step = trainer.make_train_step(loss_fn, tx, shardings, mesh, config.seed, compiler_options=options)
   losses = []
   for _ in range(NUM_STEPS):
     state, metrics = step(state, trainer.to_global_batch(batch, mesh))
