@@ -65,7 +65,10 @@ def train_mean_scores(config, workdir):
     rate = labels[valid].mean(0).clip(1e-6, 1 - 1e-6)
     outputs = np.broadcast_to(np.log(rate / (1 - rate)), val_labels.shape)
   stats = task.stats(jnp.asarray(outputs, jnp.float32), jnp.asarray(val_labels), jnp.asarray(val_valid))
-  return metrics.compute(stats)
+  scores = metrics.compute(stats)
+  if task.name == "au":  # tuned as the temporal stage tunes (affect_jax.train.temporal)
+    scores["au_f1_tuned"] = float(stats.tune_thresholds()[2])
+  return scores
 
 
 def main(argv):
