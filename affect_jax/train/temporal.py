@@ -45,7 +45,6 @@ def compiler_options():
   return dict(CPU_COMPILER_OPTIONS) if jax.default_backend() == "cpu" else None
 
 
-
 def _video_id(record):
   value = record["video_id"]
   return value.decode() if isinstance(value, bytes) else str(value)

@@ -131,7 +131,10 @@ def create_train_state(model, tx, init_inputs, rng, mesh, *, params_override=Non
 
 
 def make_train_step(loss_fn, tx, state_shardings, mesh, seed, compiler_options=None):
-  """Jitted update (compiled with XLA `compiler_options`, e.g. a stage's CPU kernel choice). `loss_fn(params, batch_stats, batch, rngs) -> (loss, (metrics, batch_stats))`.
+  """Jitted update. `loss_fn(params, batch_stats, batch, rngs) -> (loss, (metrics, batch_stats))`.
+
+  `compiler_options`: XLA options for this compiled step only (e.g. the temporal stage's CPU
+  kernel choice, `affect_jax.train.temporal.compiler_options`); None keeps XLA's defaults.
 
   A non-finite loss or gradient never changes the state: the update is dropped and counted in
   `skipped_updates`; the host decides whether to stop (config.on_nonfinite). The guard is a
