@@ -6,6 +6,7 @@ preset's step). The option is per compiled function, so the check reads each com
 
 import jax
 import jax.numpy as jnp
+import pytest
 
 from affect_jax.models import mae as mae_lib
 from affect_jax.models import temporal as temporal_lib
@@ -33,8 +34,15 @@ def _temporal_step_text(compiler_options):
   return step.lower(state, batch).compile().as_text()
 
 
+def test_other_backends_keep_xla_defaults():
+  if jax.default_backend() == "cpu":
+    pytest.skip("the CPU backend is checked below")
+  assert temporal_train.compiler_options() is None
+
+
 def test_temporal_step_uses_eigen_on_cpu_and_mae_keeps_ynnpack():
-  assert jax.default_backend() == "cpu"
+  if jax.default_backend() != "cpu":
+    pytest.skip("YNNPACK and Eigen are XLA CPU kernels")
   assert temporal_train.compiler_options() == {"xla_cpu_experimental_ynn_fusion_type": ""}
   assert YNN in _temporal_step_text(None)  # XLA's default: the dots go to YNNPACK
   assert YNN not in _temporal_step_text(temporal_train.compiler_options())
