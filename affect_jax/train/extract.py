@@ -25,7 +25,6 @@ from affect_jax.data import pipelines
 from affect_jax.data import schema
 from affect_jax.models import classifier as classifier_lib
 from affect_jax.models import partitioning
-from affect_jax.train import checkpointing
 from affect_jax.train import mae_finetune
 from affect_jax.train import optimizer as optimizer_lib
 from affect_jax.train import trainer
@@ -60,10 +59,7 @@ def encoder_features(config, workdir, mesh):
       config.model, mae_finetune.head_size(tuple(config.upstream.finetune_tasks)))
   directory = trainer.upstream_checkpoint(config, workdir)
   abstract = finetune_abstract_params(config, mesh)
-  try:
-    params = checkpointing.restore_params(directory, abstract).params
-  except checkpointing.IncompatibleCheckpointError as e:
-    raise stages.explain_incompatible(e, directory, config.upstream) from e
+  params = trainer.restore_upstream(config, directory, abstract).params
   logging.info("Extracting features with the encoder in %s", directory)
   param_shardings = jax.tree_util.tree_map(lambda x: x.sharding, abstract.params)
   batch_sharding = trainer.batch_sharding(mesh)

@@ -23,7 +23,6 @@ from affect_jax.data import schema
 from affect_jax import losses
 from affect_jax.models import classifier as classifier_lib
 from affect_jax.models import mae as mae_lib
-from affect_jax.train import checkpointing
 from affect_jax.train import optimizer as optimizer_lib
 from affect_jax.train import trainer
 
@@ -99,10 +98,7 @@ def restore_mae_encoder(config, directory, mesh, batch_size):
   nothing is ever whole on one host. The checkpoint must be of `config.upstream`'s MAE.
   """
   abstract = mae_abstract_state(config, mesh, batch_size)
-  try:
-    return checkpointing.restore_params(directory, abstract).params["encoder"]
-  except checkpointing.IncompatibleCheckpointError as e:
-    raise stages.explain_incompatible(e, directory, config.upstream) from e
+  return trainer.restore_upstream(config, directory, abstract).params["encoder"]
 
 
 def create_state_from_mae(model, tx, init_inputs, rng, mesh, mae_encoder):

@@ -121,6 +121,13 @@ def make_loss_fn(model, task):
   return loss_fn
 
 
+def make_train_step(model, task, tx, state_shardings, mesh, seed):
+  """The temporal stage's jitted update: `make_loss_fn` in `trainer.make_train_step`, compiled
+  with `compiler_options()`. The stage and the benchmarks build their step here."""
+  return trainer.make_train_step(make_loss_fn(model, task), tx, state_shardings, mesh, seed,
+                                 compiler_options=compiler_options())
+
+
 def train_and_evaluate(config, workdir):
   """Trains the temporal model for config.task and writes its validation scores."""
   task = tasks.TASKS[config.task]
@@ -157,8 +164,7 @@ def train_and_evaluate(config, workdir):
                config.task, sum(x.size for x in jax.tree_util.tree_leaves(state.params)), num_windows,
                steps_per_epoch, num_steps)
 
-  train_step = trainer.make_train_step(make_loss_fn(model, task), tx, state_shardings, mesh, config.seed,
-                                      compiler_options=compiler_options())
+  train_step = make_train_step(model, task, tx, state_shardings, mesh, config.seed)
 
   def predict(state, batch):
     variables = {"params": state.params}

@@ -341,3 +341,14 @@ def upstream_checkpoint(config, workdir):
                  upstream_dir)
     stages.run(config.upstream, workdir)
   return checkpoint_dir(upstream_dir)
+
+
+def restore_upstream(config, directory, abstract):
+  """`checkpointing.restore_params(directory, abstract)` of the upstream stage's checkpoint; one
+  of other shapes is refused naming the parameters and the settings of `config.upstream` its
+  run differed in (`stages.explain_incompatible`)."""
+  from affect_jax import stages  # pylint: disable=g-import-not-at-top
+  try:
+    return checkpointing.restore_params(directory, abstract)
+  except checkpointing.IncompatibleCheckpointError as e:
+    raise stages.explain_incompatible(e, directory, config.upstream) from e

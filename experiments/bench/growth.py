@@ -7,7 +7,7 @@ extraction time for 1x, 4x, 16x frames.
 Temporal: a synthetic feature store (768-d features, --frames_per_video frames per video, as
 experiments/bench/pipelines.py writes it), then one epoch of the temporal stage's training at the
 --temporal_size preset of configs/va.py (tiny: batch 8, windows of 300 every 200 frames): Grain's
-`train_segments_pipeline` feeding `trainer.make_train_step`, steps_per_epoch = windows // batch as
+`train_segments_pipeline` feeding the stage's `temporal.make_train_step`, steps_per_epoch = windows // batch as
 train/temporal.py computes it. The epoch is timed after one warm-up step (compilation). Each size
 trains in its own process on a store that another process wrote before (so the writer's buffers
 are not counted); the trainer's peak RSS (VmHWM, whole process, compilation included) is the
@@ -72,8 +72,7 @@ def temporal_epoch(store_dir, size):
       frame_mask=jax.ShapeDtypeStruct((batch, config.window), jnp.bool_))
   state, shardings = trainer.create_train_state(model, tx, init_inputs, jax.random.key(0), mesh)
 
-  step = trainer.make_train_step(temporal_train.make_loss_fn(model, task), tx, shardings, mesh,
-                                 config.seed, compiler_options=temporal_train.compiler_options())
+  step = temporal_train.make_train_step(model, task, tx, shardings, mesh, config.seed)
   iterator = pipelines.train_segments_pipeline(
       source, batch_size=batch, window=config.window, stride=config.stride,
       jitter=config.stride // 2 if config.jitter else 0, seed=0, num_frames=lengths,

@@ -3,7 +3,7 @@ r"""Figure 3: one training step of the temporal model, paper preset, ours vs the
   python -m experiments.bench.temporal_step [--quick] [--batch=32] [--window=300]
 
 Contenders (float32, batch 32 x 300 frames x 768 features, both on every core):
-  ours           the temporal stage's step: `trainer.make_train_step` around train/temporal.py's
+  ours           the temporal stage's step, train/temporal.py's `make_train_step`: the
                  VA loss (1 - CCC) for configs/va.py:size=paper's model (TCN 768->256->128->128
                  at dilations 1, 2, 4 with weight norm and PReLU, 8 post-norm transformer layers of
                  512 with 4 heads and FF 512, dropout 0.3, BatchNorm head), AdamW with clipping
@@ -63,8 +63,7 @@ def make_ours(config, batch_np, mesh=None):
                      frame_mask=jax.ShapeDtypeStruct(batch_np["frame_mask"].shape, jnp.bool_))
   state, shardings = trainer.create_train_state(model, tx, init_inputs, jax.random.key(0), mesh)
 
-  step = trainer.make_train_step(temporal_train.make_loss_fn(model, task), tx, shardings, mesh,
-                                 config.seed, compiler_options=temporal_train.compiler_options())
+  step = temporal_train.make_train_step(model, task, tx, shardings, mesh, config.seed)
   device_batch = trainer.to_global_batch(batch_np, mesh)
   gflop = harness.flops(step, state, device_batch)
   holder = [state]
