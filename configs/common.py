@@ -145,11 +145,24 @@ def data_config(args):
   # face_images: the synthetic face-image datasets for MAE pre-training (40/30/30 % AffectNet /
   # RAF-DB / FER2013+FER+), each image a new identity. 4000 rather than 1000 lifted the main job's
   # validation P_VA from 0.45 to 0.57 (the encoder sees more faces than the 34 training videos' subjects).
-  data.synthetic = ml_collections.ConfigDict(dict(videos=48, frames=360, seed=0, face_images=4000))
+  # va_delay_seconds: (low, high) extra reaction delay of the VA raters per video (off: (0, 0));
+  # experiments/RESULTS_ablation.md ("VA raters' reaction delay") measures what it changes.
+  data.synthetic = ml_collections.ConfigDict(dict(videos=48, frames=360, seed=0, face_images=4000,
+                                                  va_delay_seconds=(0.0, 0.0)))
   if resolve_size(args) == "smoke":
     data.synthetic.videos = 6
     data.synthetic.frames = 90
   return data
+
+
+def share_data(config):
+  """Makes every upstream stage of `config` use its `data` settings (the same object): one dataset
+  per workdir, so an override such as --config.data.synthetic.videos=96 reaches every stage."""
+  node = config
+  while "upstream" in node:
+    node.upstream.data = config.data
+    node = node.upstream
+  return config
 
 
 def vit_config(size):

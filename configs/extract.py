@@ -20,4 +20,5 @@ def get_config(arg=None):
   config.missing_face = "nearest"
   config.init_from = ""  # empty: the upstream stage's workdir
   config.upstream = mae_finetune.get_config(arg)
+  common.share_data(config)
   return config

@@ -32,4 +32,5 @@ def get_config(arg=None):
   config.init_from = ""  # empty: the upstream stage's workdir
   config.eval_every_steps = {"smoke": 3, "tiny": 200, "paper": 2000}[size]
   config.upstream = mae_pretrain.get_config(arg)
+  common.share_data(config)
   return config

@@ -32,4 +32,5 @@ def get_temporal_config(task, arg=None):
   config.expr_smoothing_frames = common.EXPR_SMOOTHING_FRAMES if size == "paper" else 0
   config.init_from = ""
   config.upstream = extract.get_config(arg)
+  common.share_data(config)
   return config

@@ -16,6 +16,7 @@ Appends the table to experiments/RESULTS_ablation.md.
 """
 
 import datetime
+import json
 import os
 import platform
 
@@ -110,7 +111,20 @@ def main(argv):
     f.write(f"\n## {task.name}, size {_SIZE.value}, {datetime.date.today()} — {platform.node()}, "
             f"{os.cpu_count()} CPUs, jax {jax.__version__}\n\n"
             f"Command: `python -m experiments.temporal_ablation --workdir={_WORKDIR.value} "
-            f"--task={_TASK.value} --size={_SIZE.value} --seeds={','.join(_SEEDS.value)}`\n\n{table}\n")
+            f"--task={_TASK.value} --size={_SIZE.value} --seeds={','.join(_SEEDS.value)}`\n\n"
+            f"{data_line(_WORKDIR.value)}{table}\n")
+
+
+def data_line(workdir):
+  """What the features were made from: the synthetic generator's settings, when the workdir has them."""
+  path = os.path.join(workdir, "data", "synthetic", "_synthetic_truth", "summary.json")
+  if not os.path.exists(path):
+    return ""
+  with open(path) as f:
+    settings = json.load(f).get("settings")
+  if not settings:
+    return ""
+  return "Synthetic data: " + ", ".join(f"{k}={v}" for k, v in sorted(settings.items())) + "\n\n"
 
 
 if __name__ == "__main__":

@@ -51,6 +51,19 @@ def test_dtype_reaches_the_model_through_one_reference():
   assert config.model.dtype == "bfloat16"
 
 
+@pytest.mark.parametrize("module", [va, expr, au, extract, mae_finetune])
+def test_a_data_override_reaches_every_upstream_stage(module):
+  """One dataset per workdir: the chain shares one `data` node, so an override changes every stage."""
+  config = module.get_config("size=smoke")
+  config.data.synthetic.videos = 7
+  config.data.synthetic.va_delay_seconds = (1.0, 2.0)
+  node, depth = config, 0
+  while "upstream" in node:
+    node, depth = node.upstream, depth + 1
+    assert node.data.synthetic.videos == 7 and tuple(node.data.synthetic.va_delay_seconds) == (1.0, 2.0)
+  assert node.stage == "mae_pretrain" and depth >= 1
+
+
 def test_main_rejects_a_misspelt_override(tmp_path):
   result = subprocess.run(
       [sys.executable, "-m", "affect_jax.main", "--config=configs/va.py:size=smoke",

@@ -45,18 +45,30 @@ def generate_synthetic(config, root):
   """Generates the synthetic default once (a finished run leaves its summary file)."""
   out = os.path.join(root, "synthetic")
   summary = os.path.join(out, "_synthetic_truth", "summary.json")
+  cfg = config.data.synthetic
+  # Face images split as AffectNet 40 %, RAF-DB 30 %, FER2013/FER+ 30 %.
+  affectnet = int(round(0.4 * cfg.face_images))
+  rafdb = int(round(0.3 * cfg.face_images))
+  kwargs = dict(num_videos=cfg.videos, frames_per_video=cfg.frames, seed=cfg.seed,
+                affectnet_images=affectnet, rafdb_images=rafdb, fer2013_images=cfg.face_images - affectnet - rafdb,
+                va_delay_seconds=tuple(cfg.va_delay_seconds))
   if not os.path.exists(summary):
-    cfg = config.data.synthetic
     logging.info("Generating %d synthetic videos of ~%d frames and %d face images into %s",
                  cfg.videos, cfg.frames, cfg.face_images, out)
-    # Face images split as AffectNet 40 %, RAF-DB 30 %, FER2013/FER+ 30 %.
-    affectnet = int(round(0.4 * cfg.face_images))
-    rafdb = int(round(0.3 * cfg.face_images))
-    synthetic.generate(out, num_videos=cfg.videos, frames_per_video=cfg.frames, seed=cfg.seed,
-                       affectnet_images=affectnet, rafdb_images=rafdb,
-                       fer2013_images=cfg.face_images - affectnet - rafdb)
+    synthetic.generate(out, **kwargs)
   with open(summary) as f:
-    return out, json.load(f)
+    existing = json.load(f)
+  # Data made with other settings is never silently reused (older summaries carry no settings).
+  made = existing.get("settings")
+  wanted = synthetic.generation_settings(**kwargs)
+  if made is not None:
+    differ = {k: (made.get(k), v) for k, v in wanted.items() if made.get(k, v) != v}
+    if differ:
+      raise ValueError(
+          f"{summary}: the synthetic data there was generated with other settings ("
+          + "; ".join(f"{k}: {a} there, {b} in config.data.synthetic" for k, (a, b) in differ.items())
+          + "). Use another workdir (or data.root), or the settings it was made with; nothing was changed.")
+  return out, existing
 
 
 def locate(config, workdir):

@@ -74,9 +74,11 @@ raises the brows, so both are visible over their whole range, at 64 px as well a
 Identity, pose, lighting, blur and noise vary moderately and independently of the affect.
 
 Annotations imitate human raters: every label lags the face by a per-video delay of 3-8 frames
-(``lag_frames`` in the truth), VA carries smooth rater noise (sd ~0.05), the expression label is
-the class rule applied to the noisy lagged VA, and AU labels threshold the lagged intensity plus
-noise (plus 0.2 % random flips). Quirks of the real release are reproduced: 1-3 % of frames have
+(``lag_frames`` in the truth). Optionally (``va_delay_seconds``, off by default) valence and
+arousal, annotated continuously with a joystick, lag a further per-video reaction delay
+(``va_delay_frames``), so a frame's VA label is best read from the face seconds before it. VA carries smooth rater noise (sd ~0.05), the expression
+label is the class rule applied to the noisy VA at the short lag, and AU labels threshold the
+lagged intensity plus noise (plus 0.2 % random flips). Quirks of the real release are reproduced: 1-3 % of frames have
 no face image (bursts of 1-4 frames), a third of the videos have 1-8 more annotation lines than
 images at the end, about a third of the label files hold a run of invalid labels covering 5-15 %
 of the video (``-5`` VA, ``-1`` EXPR, ``-1`` AU rows; occasionally a single ``-1`` among twelve),
@@ -161,7 +163,7 @@ AU_THRESHOLD = 0.5
 NEUTRAL_RADIUS = 0.65
 
 # Seed-sequence tags: independent random streams per purpose.
-_PLAN, _VIDEO, _SCENE, _POOL, _AFFECTNET, _RAFDB, _FER = range(7)
+_PLAN, _VIDEO, _SCENE, _POOL, _AFFECTNET, _RAFDB, _FER, _VA_DELAY = range(8)
 
 
 def _rng(seed: int, *tags: int) -> np.random.Generator:
@@ -319,16 +321,21 @@ class Annotation:
   au: np.ndarray    # [T, 12] 0/1
 
 
-def annotate(affect: AffectTrack, rng: np.random.Generator, lag: int, fps: float) -> Annotation:
-  """Labels as a rater gives them: the state `lag` frames earlier, plus rater noise."""
+def annotate(affect: AffectTrack, rng: np.random.Generator, lag: int, fps: float, va_delay: int = 0) -> Annotation:
+  """Labels as raters give them: the state `lag` frames earlier, plus rater noise.
+
+  Valence and arousal are annotated continuously (a joystick moved while the video plays), so
+  their raters react a further `va_delay` frames late: the VA label of frame t is the state of
+  frame t - lag - va_delay. Expression and AU labels are given frame by frame and lag only `lag`.
+  """
   n = affect.valence.shape[0]
   src = np.clip(np.arange(n) - lag, 0, n - 1)
-
-  def rater(x):
-    return np.clip(x[src] + 0.05 * faces.smooth_noise(rng, n, fps * 0.3) + 0.015 * rng.standard_normal(n), -1, 1)
-
-  va = np.stack([rater(affect.valence), rater(affect.arousal)], 1)
-  expr = classify_expression(va[:, 0], va[:, 1], affect.flavour[src], affect.other[src])
+  src_va = np.clip(np.arange(n) - lag - va_delay, 0, n - 1)
+  noise = [0.05 * faces.smooth_noise(rng, n, fps * 0.3) + 0.015 * rng.standard_normal(n) for _ in range(2)]
+  state = np.stack([affect.valence, affect.arousal], 1)
+  seen = np.clip(state[src] + np.stack(noise, 1), -1, 1)      # what the expression rater sees
+  va = np.clip(state[src_va] + np.stack(noise, 1), -1, 1)     # what the VA raters record
+  expr = classify_expression(seen[:, 0], seen[:, 1], affect.flavour[src], affect.other[src])
   au_noise = 0.04 * np.stack([faces.smooth_noise(rng, n, fps * 0.2) for _ in AU_NAMES], 1)
   au = (affect.au_intensity[src] + au_noise > AU_THRESHOLD).astype(np.int32)
   flips = rng.uniform(size=au.shape) < 0.002
@@ -350,7 +357,8 @@ class VideoPlan:
   num_images: int            # frames 1..num_images may have an image; after that none
   missing: list[int]         # 1-based frames without an image (within 1..num_images)
   folder: str
-  lag: int
+  lag: int                   # frames every label lags the face
+  va_delay: int              # further frames the VA labels lag (the raters' reaction delay)
   splits: dict               # task -> "Train_Set" / "Validation_Set" (labelled) ; {} for test videos
   test_sets: list            # tasks whose test list names this video
   line_style: dict           # task -> (crlf, final_newline, float format)
@@ -370,8 +378,15 @@ def _video_ids(rng, num_recordings):
 
 
 def plan_videos(seed: int, num_videos: int, frames_per_video: int, num_test_videos: int,
-                validation_fraction: float = 0.3) -> list[VideoPlan]:
-  """Decides ids, lengths, splits, tasks, folders, lags and missing frames for every subject video."""
+                validation_fraction: float = 0.3, va_delay_seconds: tuple = (0.0, 0.0)) -> list[VideoPlan]:
+  """Decides ids, lengths, splits, tasks, folders, lags and missing frames for every subject video.
+
+  Each video's VA reaction delay is drawn uniformly from `va_delay_seconds` (low, high) from a
+  stream of its own, so the delay changes the VA labels and nothing else.
+  """
+  low, high = (float(x) for x in va_delay_seconds)
+  if not 0 <= low <= high:
+    raise ValueError(f"va_delay_seconds must be (low, high) with 0 <= low <= high, got {va_delay_seconds}")
   if num_videos < 2:
     raise ValueError(f"num_videos must be >= 2 (one train, one validation video), got {num_videos}")
   if frames_per_video < 30:
@@ -379,6 +394,7 @@ def plan_videos(seed: int, num_videos: int, frames_per_video: int, num_test_vide
   if not 0 < validation_fraction < 1:
     raise ValueError(f"validation_fraction must be in (0, 1), got {validation_fraction}")
   rng = _rng(seed, _PLAN)
+  delay_rng = _rng(seed, _VA_DELAY)
   # Subjects per recording: pairs (left/right) for about one recording in seven.
   labelled_recordings, remaining = [], num_videos
   while remaining > 0:
@@ -420,6 +436,7 @@ def plan_videos(seed: int, num_videos: int, frames_per_video: int, num_test_vide
           video_id=video_id, recording=r, fps=float(fps), low_res=int(rng.integers(72, 92)) if low_res else 0,
           num_frames=num_frames, num_images=num_images, missing=sorted(missing),
           folder=IMAGE_FOLDERS[int(rng.uniform() < 0.15)], lag=int(rng.integers(3, 9)),
+          va_delay=int(round(fps * delay_rng.uniform(low, high))),
           splits={} if is_test else {t: split for t in tasks},
           test_sets=list(tasks) if is_test else [],
           line_style={t: (bool(rng.uniform() < 0.3), bool(rng.uniform() < 0.8), str(rng.choice(["%.3f", "%.4f", "%.6f"])))
@@ -512,7 +529,7 @@ def _write_video(root, truth_dir, plan: VideoPlan, identity, scene, seed, index)
       with open(os.path.join(image_dir, f"{k:05d}.jpg"), "wb") as f:
         f.write(faces.encode_jpeg(img, scene.jpeg_quality))
 
-  ann = annotate(affect, rng, plan.lag, plan.fps)
+  ann = annotate(affect, rng, plan.lag, plan.fps, plan.va_delay)
   for task, split in plan.splits.items():
     d = os.path.join(root, ANNOTATION_ROOT, TASK_FOLDERS[task], split)
     os.makedirs(d, exist_ok=True)
@@ -522,7 +539,7 @@ def _write_video(root, truth_dir, plan: VideoPlan, identity, scene, seed, index)
   _write_npz(os.path.join(truth_dir, plan.video_id + ".npz"), {
       "valence": affect.valence.astype(np.float32), "arousal": affect.arousal.astype(np.float32),
       "expr": affect.expr, "au_intensity": affect.au_intensity.astype(np.float32), "au": affect.au,
-      "has_image": has_image, "lag_frames": np.int32(plan.lag),
+      "has_image": has_image, "lag_frames": np.int32(plan.lag), "va_delay_frames": np.int32(plan.va_delay),
       "annotated_va": ann.va.astype(np.float32), "annotated_expr": ann.expr, "annotated_au": ann.au})
   return affect
 
@@ -691,16 +708,24 @@ def _write_fer(out, seed, count, pool, by_class, scenes):
 # Entry points
 
 
+def generation_settings(**kwargs) -> dict:
+  """The arguments of `generate` as its summary records them (JSON types)."""
+  return {k: [float(x) for x in v] if isinstance(v, (tuple, list)) else v for k, v in sorted(kwargs.items())}
+
+
 def generate(out_dir: str, *, num_videos: int = 24, frames_per_video: int = 600, seed: int = 0,
              num_test_videos: int = 3, validation_fraction: float = 0.3, affectnet_images: int = 400,
-             rafdb_images: int = 300, fer2013_images: int = 300) -> dict:
+             rafdb_images: int = 300, fer2013_images: int = 300,
+             va_delay_seconds: tuple = (0.0, 0.0)) -> dict:
   """Writes the synthetic Aff-Wild2 tree and the face datasets under `out_dir`; returns the summary.
 
   `num_videos` labelled subject videos (about `validation_fraction` of them in Validation_Set, split
   by recording) plus `num_test_videos` unlabelled test videos, each about `frames_per_video` frames
   long (uniformly 0.75-1.25 times that). A face dataset with a count of 0 is not written. The
   summary (also in `_synthetic_truth/summary.json`) names the dataset roots and, per video, its
-  splits per task, image folder, frame and image counts, missing frames and label lag.
+  splits per task, image folder, frame and image counts, missing frames and label lag, and the
+  arguments it was made with (`settings`). `va_delay_seconds` (low, high): the VA raters' extra
+  reaction delay per video, uniform in that range (default none).
   """
   for name, value in (("num_test_videos", num_test_videos), ("affectnet_images", affectnet_images),
                       ("rafdb_images", rafdb_images), ("fer2013_images", fer2013_images)):
@@ -708,7 +733,7 @@ def generate(out_dir: str, *, num_videos: int = 24, frames_per_video: int = 600,
       raise ValueError(f"{name} must be >= 0, got {value}")
   if any(0 < c < 10 for c in (affectnet_images, rafdb_images, fer2013_images)):
     raise ValueError("face dataset image counts must be 0 or >= 10")
-  plans = plan_videos(seed, num_videos, frames_per_video, num_test_videos, validation_fraction)
+  plans = plan_videos(seed, num_videos, frames_per_video, num_test_videos, validation_fraction, va_delay_seconds)
   root = os.path.join(out_dir, AFFWILD2_DIR)
   truth_dir = os.path.join(out_dir, TRUTH_DIR)
   os.makedirs(truth_dir, exist_ok=True)
@@ -747,11 +772,15 @@ def generate(out_dir: str, *, num_videos: int = 24, frames_per_video: int = 600,
 
   summary = {
       "seed": seed,
+      "settings": generation_settings(num_videos=num_videos, frames_per_video=frames_per_video, seed=seed,
+                                      num_test_videos=num_test_videos, validation_fraction=validation_fraction,
+                                      affectnet_images=affectnet_images, rafdb_images=rafdb_images,
+                                      fer2013_images=fer2013_images, va_delay_seconds=va_delay_seconds),
       "roots": {k: os.path.relpath(v, out_dir) for k, v in roots.items()},
       "videos": [{
           "video_id": p.video_id, "splits": p.splits, "test_sets": p.test_sets, "folder": p.folder,
           "num_frames": p.num_frames, "num_images": p.num_images, "missing_frames": p.missing,
-          "lag_frames": p.lag, "fps": p.fps, "recording": p.recording} for p in plans],
+          "lag_frames": p.lag, "va_delay_frames": p.va_delay, "fps": p.fps, "recording": p.recording} for p in plans],
       "expr_frame_counts": dict(zip(EXPR_CLASSES, expr_counts.tolist())),
       "face_datasets": counts,
   }
@@ -766,7 +795,8 @@ def _main(argv):
   f = flags.FLAGS
   summary = generate(f.out, num_videos=f.videos, frames_per_video=f.frames, seed=f.seed,
                      num_test_videos=f.test_videos, affectnet_images=f.affectnet_images,
-                     rafdb_images=f.rafdb_images, fer2013_images=f.fer2013_images)
+                     rafdb_images=f.rafdb_images, fer2013_images=f.fer2013_images,
+                     va_delay_seconds=tuple(float(x) for x in f.va_delay_seconds))
   frames = sum(v["num_frames"] for v in summary["videos"])
   print(f"wrote {len(summary['videos'])} videos ({frames} frames) and {summary['face_datasets']} under {f.out}")
 
@@ -781,4 +811,5 @@ if __name__ == "__main__":
   flags.DEFINE_integer("affectnet_images", 400, "AffectNet-style images (0 = skip).")
   flags.DEFINE_integer("rafdb_images", 300, "RAF-DB-style images (0 = skip).")
   flags.DEFINE_integer("fer2013_images", 300, "FER2013/FER+ rows (0 = skip).")
+  flags.DEFINE_list("va_delay_seconds", ["0", "0"], "low,high: VA raters' extra reaction delay per video.")
   app.run(_main)

@@ -2,6 +2,7 @@
 the properties of the hidden signal (lag, AU/VA coupling, class balance, visible geometry)."""
 
 import csv
+import dataclasses
 import hashlib
 import json
 import os
@@ -173,6 +174,7 @@ def test_plan_reproduces_real_quirks():
   styles = [s for p in plans for s in p.line_style.values()]
   assert {s[0] for s in styles} == {True, False} and {s[1] for s in styles} == {True, False}
   assert all(3 <= p.lag <= 8 for p in plans)
+  assert all(p.va_delay == 0 for p in plans)  # off by default
   val = sum(p.splits.get("va") == "Validation_Set" for p in labelled) / sum("va" in p.splits for p in labelled)
   assert 0.2 <= val <= 0.4
   # Subjects of one recording stay in one split.
@@ -210,6 +212,39 @@ def test_labels_lag_the_face():
   assert all(better)
 
 
+def test_va_delay_changes_only_the_delays_of_the_plan():
+  plain = synthetic.plan_videos(seed=0, num_videos=40, frames_per_video=600, num_test_videos=4)
+  delayed = synthetic.plan_videos(seed=0, num_videos=40, frames_per_video=600, num_test_videos=4,
+                                  va_delay_seconds=(1.5, 2.5))
+  assert all(round(1.5 * p.fps) <= p.va_delay <= round(2.5 * p.fps) for p in delayed)
+  assert len({p.va_delay for p in delayed}) > 10
+  strip = lambda p: {k: v for k, v in dataclasses.asdict(p).items() if k != "va_delay"}
+  assert [strip(p) for p in plain] == [strip(p) for p in delayed]
+  with pytest.raises(ValueError, match="va_delay_seconds"):
+    synthetic.plan_videos(seed=0, num_videos=4, frames_per_video=60, num_test_videos=0, va_delay_seconds=(2, 1))
+
+
+def test_va_raters_react_later_than_expression_raters():
+  """VA labels lag the face by lag + va_delay frames; expression labels by lag only."""
+  rng = np.random.default_rng(1)
+  affect = synthetic.simulate_affect(rng, 900, 30.0)
+  ann = synthetic.annotate(affect, rng, 5, 30.0, va_delay=60)
+  err = [np.mean((ann.va[100:] - np.stack([affect.valence, affect.arousal], 1)[100 - s:900 - s]) ** 2)
+         for s in range(100)]
+  assert abs(int(np.argmin(err)) - 65) <= 3, np.round(err, 4)
+  assert err[65] < 0.5 * err[5]
+  agree = [np.mean(ann.expr[100:] == affect.expr[100 - s:900 - s]) for s in range(100)]
+  assert abs(int(np.argmax(agree)) - 5) <= 2, np.round(agree, 3)
+  assert agree[5] > agree[65] + 0.1
+  # The delay moves only the VA labels: expression and AU labels are those given without it.
+  rng = np.random.default_rng(1)
+  affect = synthetic.simulate_affect(rng, 900, 30.0)
+  same = synthetic.annotate(affect, rng, 5, 30.0)
+  np.testing.assert_array_equal(same.expr, ann.expr)
+  np.testing.assert_array_equal(same.au, ann.au)
+  assert not np.allclose(same.va, ann.va)
+
+
 def test_lag_visible_in_written_files(generated):
   out, summary = generated
   shifted, same = [], []
@@ -219,7 +254,7 @@ def test_lag_visible_in_written_files(generated):
     truth = np.load(os.path.join(out, synthetic.TRUTH_DIR, video["video_id"] + ".npz"))
     _, body, _ = _read_body(_annotation_path(out, "va", video["splits"]["va"], video["video_id"]))
     values = np.array([[float(x) for x in line.split(",")] for line in body])
-    lag = video["lag_frames"]
+    lag = video["lag_frames"] + video["va_delay_frames"]
     k = np.arange(lag, len(body))
     k = k[values[k, 0] != -5]
     shifted.append(np.mean((values[k, 0] - truth["valence"][k - lag]) ** 2))
@@ -365,3 +400,24 @@ def test_bad_arguments_are_rejected(tmp_path):
     synthetic.generate(str(tmp_path), num_videos=4, frames_per_video=10)
   with pytest.raises(ValueError, match="0 or >= 10"):
     synthetic.generate(str(tmp_path), num_videos=4, frames_per_video=60, affectnet_images=3)
+
+
+def test_synthetic_data_made_with_other_settings_is_not_reused(tmp_path):
+  """The main job generates the synthetic default once; other settings later are an error, not stale data."""
+  import ml_collections
+  from affect_jax.data import datasets
+  config = ml_collections.ConfigDict({"data": {"synthetic": dict(
+      videos=2, frames=30, seed=0, face_images=0, va_delay_seconds=(0.0, 0.0))}})
+  out, summary = datasets.generate_synthetic(config, str(tmp_path))
+  path = os.path.join(out, synthetic.TRUTH_DIR, "summary.json")
+  stamp = os.stat(path).st_mtime_ns
+  assert summary["settings"]["va_delay_seconds"] == [0.0, 0.0]
+  assert datasets.generate_synthetic(config, str(tmp_path))[1] == summary  # same settings: reused
+  config.data.synthetic.va_delay_seconds = (1.0, 2.0)
+  with pytest.raises(ValueError, match=r"summary\.json.*va_delay_seconds: \[0\.0, 0\.0\] there, \[1\.0, 2\.0\]"):
+    datasets.generate_synthetic(config, str(tmp_path))
+  config.data.synthetic.va_delay_seconds = (0.0, 0.0)
+  config.data.synthetic.videos = 3
+  with pytest.raises(ValueError, match="num_videos: 2 there, 3 in config"):
+    datasets.generate_synthetic(config, str(tmp_path))
+  assert os.stat(path).st_mtime_ns == stamp  # nothing rewritten
