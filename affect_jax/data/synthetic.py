@@ -76,15 +76,16 @@ Identity, pose, lighting, blur and noise vary moderately and independently of th
 Annotations imitate human raters: every label lags the face by a per-video delay of 3-8 frames
 (``lag_frames`` in the truth). Optionally (``va_delay_seconds``, off by default) valence and
 arousal, annotated continuously with a joystick, lag a further per-video reaction delay
-(``va_delay_frames``), so a frame's VA label is best read from the face seconds before it. VA carries smooth rater noise (sd ~0.05), the expression
-label is the class rule applied to the noisy VA at the short lag, and AU labels threshold the
-lagged intensity plus noise (plus 0.2 % random flips). Quirks of the real release are reproduced: 1-3 % of frames have
-no face image (bursts of 1-4 frames), a third of the videos have 1-8 more annotation lines than
-images at the end, about a third of the label files hold a run of invalid labels covering 5-15 %
-of the video (``-5`` VA, ``-1`` EXPR, ``-1`` AU rows; occasionally a single ``-1`` among twelve),
-videos labelled for only some tasks, one video (when there are 8 or more) labelled in
-``Train_Set`` for VA/AU but in ``Validation_Set`` for EXPR, CRLF or LF line endings and a missing
-final newline in some files, and test videos that have images but no labels.
+(``va_delay_frames``), so a frame's VA label is best read from the face seconds before it. VA
+carries smooth rater noise (sd ~0.05), the expression label is the class rule applied to the noisy
+VA at the short lag, and AU labels threshold the lagged intensity plus noise (plus 0.2 % random
+flips). Quirks of the real release are reproduced: 1-3 % of frames have no face image (bursts of 1-4
+frames), a third of the videos have 1-8 more annotation lines than images at the end, about a third
+of the label files hold a run of invalid labels covering 5-15 % of the video (``-5`` VA, ``-1``
+EXPR, ``-1`` AU rows; occasionally a single ``-1`` among twelve), videos labelled for only some
+tasks, one video (when there are 8 or more) labelled in ``Train_Set`` for VA/AU but in
+``Validation_Set`` for EXPR, CRLF or LF line endings and a missing final newline in some files, and
+test videos that have images but no labels.
 
 The face datasets are rendered by the same face model from states sampled out of simulated
 sequences (no lag, one fresh identity per image), each with its own label code space: AffectNet
@@ -321,7 +322,8 @@ class Annotation:
   au: np.ndarray    # [T, 12] 0/1
 
 
-def annotate(affect: AffectTrack, rng: np.random.Generator, lag: int, fps: float, va_delay: int = 0) -> Annotation:
+def annotate(affect: AffectTrack, rng: np.random.Generator, lag: int, fps: float,
+             va_delay: int = 0) -> Annotation:
   """Labels as raters give them: the state `lag` frames earlier, plus rater noise.
 
   Valence and arousal are annotated continuously (a joystick moved while the video plays), so
