@@ -27,6 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from affect_jax import metrics
+from affect_jax.data import synthetic
 from affect_jax.train import tasks
 from affect_jax.train import temporal
 from configs import temporal as temporal_configs
@@ -117,7 +118,7 @@ def main(argv):
 
 def data_line(workdir):
   """What the features were made from: the synthetic generator's settings, when the workdir has them."""
-  path = os.path.join(workdir, "data", "synthetic", "_synthetic_truth", "summary.json")
+  path = synthetic.summary_path(os.path.join(workdir, "data", "synthetic"))
   if not os.path.exists(path):
     return ""
   with open(path) as f:

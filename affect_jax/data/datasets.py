@@ -44,7 +44,7 @@ def data_root(config, workdir):
 def generate_synthetic(config, root):
   """Generates the synthetic default once (a finished run leaves its summary file)."""
   out = os.path.join(root, "synthetic")
-  summary = os.path.join(out, "_synthetic_truth", "summary.json")
+  summary = synthetic.summary_path(out)
   cfg = config.data.synthetic
   # Face images split as AffectNet 40 %, RAF-DB 30 %, FER2013/FER+ 30 %.
   affectnet = int(round(0.4 * cfg.face_images))

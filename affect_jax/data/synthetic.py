@@ -333,10 +333,11 @@ def annotate(affect: AffectTrack, rng: np.random.Generator, lag: int, fps: float
   n = affect.valence.shape[0]
   src = np.clip(np.arange(n) - lag, 0, n - 1)
   src_va = np.clip(np.arange(n) - lag - va_delay, 0, n - 1)
-  noise = [0.05 * faces.smooth_noise(rng, n, fps * 0.3) + 0.015 * rng.standard_normal(n) for _ in range(2)]
+  noise = np.stack([0.05 * faces.smooth_noise(rng, n, fps * 0.3) + 0.015 * rng.standard_normal(n)
+                    for _ in range(2)], 1)
   state = np.stack([affect.valence, affect.arousal], 1)
-  seen = np.clip(state[src] + np.stack(noise, 1), -1, 1)      # what the expression rater sees
-  va = np.clip(state[src_va] + np.stack(noise, 1), -1, 1)     # what the VA raters record
+  seen = np.clip(state[src] + noise, -1, 1)      # what the expression rater sees
+  va = np.clip(state[src_va] + noise, -1, 1)     # what the VA raters record
   expr = classify_expression(seen[:, 0], seen[:, 1], affect.flavour[src], affect.other[src])
   au_noise = 0.04 * np.stack([faces.smooth_noise(rng, n, fps * 0.2) for _ in AU_NAMES], 1)
   au = (affect.au_intensity[src] + au_noise > AU_THRESHOLD).astype(np.int32)
@@ -710,6 +711,11 @@ def _write_fer(out, seed, count, pool, by_class, scenes):
 # Entry points
 
 
+def summary_path(out_dir: str) -> str:
+  """Where `generate(out_dir, ...)` writes its summary (the mark of a finished generation)."""
+  return os.path.join(out_dir, TRUTH_DIR, "summary.json")
+
+
 def generation_settings(**kwargs) -> dict:
   """The arguments of `generate` as its summary records them (JSON types)."""
   return {k: [float(x) for x in v] if isinstance(v, (tuple, list)) else v for k, v in sorted(kwargs.items())}
@@ -786,7 +792,7 @@ def generate(out_dir: str, *, num_videos: int = 24, frames_per_video: int = 600,
       "expr_frame_counts": dict(zip(EXPR_CLASSES, expr_counts.tolist())),
       "face_datasets": counts,
   }
-  with open(os.path.join(truth_dir, "summary.json"), "w") as f:
+  with open(summary_path(out_dir), "w") as f:
     json.dump(summary, f, indent=1, sort_keys=True)
   return summary
 
