@@ -5,10 +5,13 @@ and all labels and masks of the per-video view. Frames without a face image get 
 the nearest frame with one (`affect_jax.data.missing_faces`), the rule every later stage shares.
 
 Several processes: each reads its share of every split's frames and the jitted feature function
-gathers each batch's features onto every device (replicated output); process 0 keeps them and
-writes the whole store, the others drop them, and all wait at a barrier until it is written. The
-store is the one a single process writes (tests/train/test_multiprocess.py).
+gathers each batch's features onto every device (replicated output); process 0 writes each
+video's record to the store as soon as its frames are done (so one process never holds a whole
+split's features), the others drop them, and all wait at a barrier until the store is written.
+The store is the one a single process writes (tests/train/test_multiprocess.py).
 """
+
+import itertools
 
 from absl import logging
 from flax import linen as nn
@@ -77,45 +80,91 @@ def encoder_features(config, workdir, mesh):
   return lambda images, record_index, valid: features(params, images, record_index, valid)
 
 
-def extract_split(paths, split, config, features_fn, mesh, keep=True):
-  """Feature-store records of one split: the per-video view plus `features`.
+def _batch_features(frames, config, features_fn, mesh):
+  """Yields ``(record_index [n], features [n, D])`` of the valid frames of every global batch.
 
-  Every process reads its share of the frames and runs every batch (the same collectives in the
-  same order); with `keep` False the features are dropped and None is returned (processes other
-  than 0, which do not write the store).
+  Every process reads its share of ``frames`` and runs every batch (the same collectives in the
+  same order); each receives the whole global batch's features.
   """
-  frames = datasets.open_source(paths, "affwild2/frames", split)
-  videos = datasets.open_source(paths, "affwild2/videos", split)
   batch_size = config.batch_size // jax.process_count()
-  per_video = {}
   for batch in pipelines.eval_frames_pipeline(frames, batch_size=batch_size,
                                               image_size=config.model.image_size):
     device = trainer.to_global_batch(
         {"image": batch["image"], "record_index": batch["record_index"], "valid": batch["valid"]}, mesh)
     feats, index, valid = jax.device_get(
         features_fn(device["image"], device["record_index"], device["valid"]))
-    if not keep:
-      continue
-    feats, index, valid = np.asarray(feats), np.asarray(index), np.asarray(valid)
-    for i in np.flatnonzero(valid):
-      per_video[int(index[i])] = feats[i]
-  if not keep:
-    return None
-  records = []
-  record_index = 0
-  for video in videos:
-    n = int(video["num_frames"])
-    feats = np.stack([per_video[record_index + k] for k in range(n)])
-    record_index += n
-    has_face = np.asarray(video["has_face"], bool)
-    record = {k: video[k] for k in schema.VIDEO_KEYS}
-    record["video_id"] = _text(video["video_id"])
-    record["features"] = missing_faces.fill_missing_faces(feats, has_face).astype(np.float32)
-    records.append(record)
-  if record_index != len(frames):
+    valid = np.asarray(valid, bool)
+    yield np.asarray(index)[valid], np.asarray(feats)[valid]
+
+
+def run_split(paths, split, config, features_fn, mesh):
+  """The batches of one split on a process that does not write the store (features dropped)."""
+  for _ in _batch_features(datasets.open_source(paths, "affwild2/frames", split), config,
+                           features_fn, mesh):
+    pass
+
+
+def extract_split(paths, split, config, features_fn, mesh):
+  """Yields the split's feature-store records in video order, each once its frames are in.
+
+  A record is the per-video view plus ``features``. Frames come in order, so with one process
+  only the video being read is held: memory does not grow with the data set. With several
+  processes each reads a contiguous share and a global batch mixes frames from every share, so
+  process 0 holds the later shares' finished videos until the videos before them are done.
+  """
+  frames = datasets.open_source(paths, "affwild2/frames", split)
+  videos = datasets.open_source(paths, "affwild2/videos", split)
+  pending = {}  # record index -> feature row, frames of videos not yet written
+  video_iter = iter(videos)
+  video = next(video_iter, None)
+  first = 0  # record index of `video`'s first frame
+  count = frame_count = 0
+
+  def finished(video, first):
+    return video is not None and all(first + k in pending for k in range(int(video["num_frames"])))
+
+  for index, feats in _batch_features(frames, config, features_fn, mesh):
+    for i, row in zip(index.tolist(), feats):
+      pending[i] = row
+    while finished(video, first):
+      n = int(video["num_frames"])
+      feats = np.stack([pending.pop(first + k) for k in range(n)])
+      has_face = np.asarray(video["has_face"], bool)
+      record = {k: video[k] for k in schema.VIDEO_KEYS}
+      record["video_id"] = _text(video["video_id"])
+      record["features"] = missing_faces.fill_missing_faces(feats, has_face).astype(np.float32)
+      yield record
+      count, frame_count, first = count + 1, frame_count + n, first + n
+      video = next(video_iter, None)
+  if video is not None:
+    raise ValueError(f"affwild2/videos {split}: video {_text(video['video_id'])} needs frame records "
+                     f"{first}..{first + int(video['num_frames']) - 1} but affwild2/frames {split} has "
+                     f"{len(frames)}: the two views disagree; rebuild the dataset.")
+  if pending or first != len(frames):
     raise ValueError(f"affwild2/frames {split} has {len(frames)} records but the videos view "
-                     f"accounts for {record_index}: the two views disagree; rebuild the dataset.")
-  return records
+                     f"accounts for {first}: the two views disagree; rebuild the dataset.")
+  logging.info("Extracted %s: %d videos, %d frames", split, count, frame_count)
+
+
+def write_features(paths, config, features_fn, mesh, out_dir):
+  """Runs `features_fn` over every frame of every split and writes the store to `out_dir`.
+
+  Process 0 writes; the others run the same batches and drop the features. Returns the splits.
+  """
+  splits = datasets.affwild2_splits(paths, "frames")
+  if jax.process_index() == 0:
+    # The store's writer pulls the records split by split, in this order; each is written as
+    # its video's frames are done, never all features of a split at once.
+    split_records = {split: extract_split(paths, split, config, features_fn, mesh)
+                     for split in splits}
+    first = next(split_records[splits[0]])  # the feature width, before the writer starts
+    split_records[splits[0]] = itertools.chain([first], split_records[splits[0]])
+    feature_store.write_feature_store(out_dir, split_records, int(first["features"].shape[-1]),
+                                      overwrite=True)
+  else:
+    for split in splits:
+      run_split(paths, split, config, features_fn, mesh)
+  return splits
 
 
 def train_and_evaluate(config, workdir):
@@ -125,18 +174,7 @@ def train_and_evaluate(config, workdir):
     return {}
   paths = datasets.prepare(config, workdir)
   mesh = trainer.make_mesh(config.mesh)
-  features_fn = encoder_features(config, workdir, mesh)
-  splits = datasets.affwild2_splits(paths, "frames")
-  writer = jax.process_index() == 0
-  split_records = {}
-  for split in splits:
-    split_records[split] = extract_split(paths, split, config, features_fn, mesh, keep=writer)
-    if writer:
-      logging.info("Extracted %s: %d videos, %d frames", split, len(split_records[split]),
-                   sum(len(r["features"]) for r in split_records[split]))
-  if writer:
-    dim = int(split_records[splits[0]][0]["features"].shape[-1])
-    feature_store.write_feature_store(out_dir, split_records, dim, overwrite=True)
+  splits = write_features(paths, config, encoder_features(config, workdir, mesh), mesh, out_dir)
   processes.wait_for_all("feature store written")
   logging.info("Feature store written to %s", out_dir)
   return {"videos": sum(len(datasets.open_source(paths, "affwild2/videos", split))
