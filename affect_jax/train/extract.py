@@ -157,7 +157,9 @@ def write_features(paths, config, features_fn, mesh, out_dir):
     # its video's frames are done, never all features of a split at once.
     split_records = {split: extract_split(paths, split, config, features_fn, mesh)
                      for split in splits}
-    first = next(split_records[splits[0]])  # the feature width, before the writer starts
+    first = next(split_records[splits[0]], None)  # the feature width, before the writer starts
+    if first is None:
+      raise ValueError(f"affwild2 split {splits[0]!r} in {paths.tfds_dir} has no videos to extract")
     split_records[splits[0]] = itertools.chain([first], split_records[splits[0]])
     feature_store.write_feature_store(out_dir, split_records, int(first["features"].shape[-1]),
                                       overwrite=True)
