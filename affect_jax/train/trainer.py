@@ -280,12 +280,15 @@ def run_loop(loop: Loop, writer):
           eval_metrics = loop.evaluate(state, step)
         writer.write_scalars(step, {f"val/{k}": v for k, v in eval_metrics.items()
                                     if np.isscalar(v)})
-      if preemption.requested or is_eval or step % config.checkpoint_every_steps == 0 or (
+      # One reading of the flag for both decisions: a SIGTERM arriving between them (say, during
+      # the flush) must not exit without saving this step; it is acted on after the next step.
+      preempted = preemption.requested
+      if preempted or is_eval or step % config.checkpoint_every_steps == 0 or (
           step == loop.num_train_steps):
         ckpt.save(step, state, loop.train_iterator,
                   metrics={k: float(v) for k, v in eval_metrics.items() if np.isscalar(v)} if is_eval else None)
       writer.flush()
-      if preemption.requested:
+      if preempted:
         ckpt.close()
         logging.warning("Saved step %d after SIGTERM; exiting with status %d.", step, PREEMPTED_EXIT_CODE)
         raise SystemExit(PREEMPTED_EXIT_CODE)

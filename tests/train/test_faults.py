@@ -8,6 +8,7 @@ tests/conftest.py; the slow one runs the VA stage's command line on the smoke ch
 import glob
 import os
 import shutil
+import signal
 
 import jax
 import numpy as np
@@ -16,8 +17,9 @@ from tensorboard.backend.event_processing import event_accumulator
 from tensorboard.util import tensor_util
 
 from affect_jax.train import checkpointing
+from affect_jax.train import trainer
 from conftest import (VA_OVERRIDES, assert_trees_equal, copy_workdir, run_stage, run_tiny,
-                      step_folders, tiny_examples)
+                      step_folders, tiny_examples, tiny_loop)
 
 
 def _truncate(path):
@@ -114,3 +116,37 @@ def test_stage_falls_back_from_a_damaged_checkpoint_to_the_same_result(smoke_cha
   assert_trees_equal(jax.device_get(checkpointing.restore_params(checkpoints)),
                      jax.device_get(checkpointing.restore_params(
                          os.path.join(smoke_chain, "va", "checkpoints"))))
+
+
+class _SigtermOnFlush:
+  """A metric writer that sends this process SIGTERM while the loop flushes after `step`."""
+
+  def __init__(self, writer, step):
+    self.writer, self.step, self.last = writer, step, None
+
+  def write_scalars(self, step, scalars):
+    self.last = step
+    self.writer.write_scalars(step, scalars)
+
+  def flush(self):
+    self.writer.flush()
+    if self.last == self.step:
+      self.last = None
+      os.kill(os.getpid(), signal.SIGTERM)
+
+  def __getattr__(self, name):
+    return getattr(self.writer, name)
+
+
+def test_sigterm_between_the_save_decision_and_the_exit_still_saves_the_step_it_names(tmp_path):
+  # Step 4 is no checkpoint step (every 3); the signal lands after its save decision was taken.
+  loop = tiny_loop(tmp_path, num_train_steps=12, checkpoint_every_steps=3, log_every_steps=1)
+  writer = trainer.create_writer(str(tmp_path))
+  try:
+    with pytest.raises(SystemExit) as exit_info:
+      trainer.run_loop(loop, _SigtermOnFlush(writer, step=4))
+  finally:
+    writer.close()
+  assert exit_info.value.code == trainer.PREEMPTED_EXIT_CODE
+  steps = checkpointing.Checkpointer(os.path.join(tmp_path, "checkpoints")).all_steps()
+  assert steps[-1] == 5, steps  # the next step is trained and saved before exiting, not lost
