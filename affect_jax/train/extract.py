@@ -120,13 +120,16 @@ def extract_split(paths, split, config, features_fn, mesh):
   first = 0  # record index of `video`'s first frame
   count = frame_count = 0
 
-  def finished(video, first):
-    return video is not None and all(first + k in pending for k in range(int(video["num_frames"])))
+  def finished():
+    # From the video's last frame back: frames arrive in order, so an unfinished video costs one
+    # lookup per batch instead of one per frame it has.
+    return video is not None and all(first + k in pending
+                                     for k in reversed(range(int(video["num_frames"]))))
 
   for index, feats in _batch_features(frames, config, features_fn, mesh):
     for i, row in zip(index.tolist(), feats):
       pending[i] = row
-    while finished(video, first):
+    while finished():
       n = int(video["num_frames"])
       feats = np.stack([pending.pop(first + k) for k in range(n)])
       has_face = np.asarray(video["has_face"], bool)
