@@ -23,6 +23,7 @@ from affect_jax.data import schema
 from affect_jax import losses
 from affect_jax.models import classifier as classifier_lib
 from affect_jax.models import mae as mae_lib
+from affect_jax.train import mae_pretrain
 from affect_jax.train import optimizer as optimizer_lib
 from affect_jax.train import trainer
 
@@ -159,7 +160,9 @@ def train_and_evaluate(config, workdir):
                                                     config.label_smoothing)
     return loss, ({}, batch_stats)
 
-  train_step = trainer.make_train_step(loss_fn, tx, shardings, mesh, config.seed)
+  # The ViT steps' XLA options (memory-optimised scheduling on CPU; affect_jax.train.mae_pretrain).
+  train_step = trainer.make_train_step(loss_fn, tx, shardings, mesh, config.seed,
+                                       compiler_options=mae_pretrain.compiler_options())
   iterator = pipelines.finetune_frames_pipeline(
       train_src, batch_size=local_batch, image_size=size, seed=config.seed,
       class_balanced=config.class_balanced, num_workers=config.num_workers, tasks=finetune_tasks)

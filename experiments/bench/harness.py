@@ -3,7 +3,9 @@
 A figure is a list of `Contender`s; contender 0 is ours (jitted JAX through the package), the
 others what users would otherwise run (PyTorch eager, torch.compile) or a machine limit. `compare`
 builds every contender, warms each up (compilation, allocator), then times R rounds alternating the
-contenders A B C A B C ... so that the other jobs sharing this machine slow all of them alike. It
+contenders A B C A B C ... so that the other jobs sharing this machine slow all of them alike; each
+timed call starts after --settle seconds idle, so no contender runs while the previous one's
+threads are still spinning. It
 reports medians and, for each contender, the median of the per-round ratios ours / it (a ratio is
 taken within one round, so load that changes between rounds cancels). Contenders with the same
 unit compare by items/s; otherwise by GFLOP/s.
@@ -44,6 +46,10 @@ import numpy as np
 QUICK = flags.DEFINE_bool("quick", False, "Few rounds at small sizes: a sanity run, not a figure.")
 ROUNDS = flags.DEFINE_integer("rounds", None, "Timed rounds (default: the figure's; --quick: 2).")
 WARMUP = flags.DEFINE_integer("warmup", None, "Untimed calls per contender first (default 2; --quick 1).")
+SETTLE = flags.DEFINE_float(
+    "settle", 0.3, "Seconds idle before each timed call, so that the previous contender's worker "
+    "threads have gone to sleep (numpy's OpenBLAS threads spin after a call: a jnp.dot 2048^2 "
+    "right after a numpy matmul ran at 171 GFLOP/s, after 0.2 s idle at 235).")
 MEMORY = flags.DEFINE_bool("memory", True, "Also measure each training step's peak RSS in subprocesses.")
 CHILD = flags.DEFINE_string("child", None, "Internal: run only this contender and print its peak memory.")
 RESULTS_FILE = flags.DEFINE_string(
@@ -228,6 +234,7 @@ def compare(figure, title, contenders, *, rounds, warmup, setting, notes=(), ext
   times = np.zeros((rounds, len(calls)))
   for r in range(rounds):
     for i, call in enumerate(calls):
+      time.sleep(SETTLE.value)
       start = time.perf_counter()
       call()
       times[r, i] = time.perf_counter() - start
@@ -274,7 +281,8 @@ def compare(figure, title, contenders, *, rounds, warmup, setting, notes=(), ext
       f"### {title} — {datetime.datetime.now():%Y-%m-%d %H:%M}",
       "",
       f"- command: `{command()}`",
-      f"- {setting}; {rounds} rounds alternating the contenders after {warmup} warm-up call(s) each",
+      f"- {setting}; {rounds} rounds alternating the contenders after {warmup} warm-up call(s) each, "
+      f"{SETTLE.value:g} s idle before each timed call",
       f"- machine: {machine_line()}; load average before/after {load_before:.2f}/{os.getloadavg()[0]:.2f}",
       "",
       "| contender | median s/call | throughput | GFLOP/s | ours ÷ this: median of per-round ratios (range) "

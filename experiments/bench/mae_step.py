@@ -3,9 +3,9 @@ r"""Figure 2: one MAE pre-training step (forward, backward, AdamW), ours vs tran
   python -m experiments.bench.mae_step [--quick] [--presets=B,tiny] [--batch_B=8] [--batch_tiny=64]
 
 Contenders (float32, both on every core), per preset:
-  ours           the MAE stage's own step: `trainer.make_train_step` (AdamW from
+  ours           the MAE stage's own step, train/mae_pretrain.py's `make_train_step` (AdamW from
                  `optimizer.make_optimizer`: clipping at 1.0, decay mask, cosine schedule; state
-                 donated) around the loss of train/mae_pretrain.py, on a one-device mesh
+                 donated; compiled with the stage's XLA options), on a one-device mesh
   PyTorch eager  transformers ViTMAEForPreTraining with the same sizes, torch.optim.AdamW with the
                  same betas, weight decay (same no-decay set) and gradient clipping at 1.0
 Presets: B = configs/mae_pretrain.py:size=paper (ViT-B/16 at 224, decoder 8 x 512, 75 % masked,
@@ -22,6 +22,7 @@ import numpy as np
 
 from experiments.bench import harness
 from affect_jax.models import mae as mae_lib
+from affect_jax.train import mae_pretrain as mae_pretrain_stage
 from affect_jax.train import optimizer as optimizer_lib
 from affect_jax.train import trainer
 from configs import mae_pretrain
@@ -53,11 +54,7 @@ def make_ours(config, batch):
   state, shardings = trainer.create_train_state(
       model, tx, dict(images=jax.ShapeDtypeStruct(images.shape, jnp.float32)), jax.random.key(0), mesh)
 
-  def loss_fn(params, batch_stats, batch, rngs):  # as in train/mae_pretrain.py
-    out = model.apply({"params": params}, batch["image"], train=True, rngs=rngs)
-    return out["loss"], ({}, batch_stats)
-
-  step = trainer.make_train_step(loss_fn, tx, shardings, mesh, config.seed)
+  step = mae_pretrain_stage.make_train_step(model, tx, shardings, mesh, config.seed)
   device_batch = trainer.to_global_batch({"image": images}, mesh)
   gflop = harness.flops(step, state, device_batch)
   holder = [state]

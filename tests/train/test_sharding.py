@@ -43,6 +43,7 @@ def _run(kind, mesh_sizes, devices, with_gradient=False):
 
   from affect_jax.models import mae as mae_lib  # pylint: disable=g-import-not-at-top
   from affect_jax.models import temporal as temporal_lib  # pylint: disable=g-import-not-at-top
+  from affect_jax.train import mae_pretrain as mae_stage  # pylint: disable=g-import-not-at-top
   from affect_jax.train import optimizer as optimizer_lib  # pylint: disable=g-import-not-at-top
   from affect_jax.train import tasks  # pylint: disable=g-import-not-at-top
   from affect_jax.train import temporal as temporal_train  # pylint: disable=g-import-not-at-top
@@ -57,9 +58,8 @@ def _run(kind, mesh_sizes, devices, with_gradient=False):
     batch = {"image": rng.normal(size=(config.optimizer.batch_size, size, size, 3)).astype(np.float32)}
     init_inputs = dict(images=jax.ShapeDtypeStruct(batch["image"].shape, jnp.float32))
 
-    def loss_fn(params, batch_stats, batch, rngs):  # as in train/mae_pretrain.py
-      out = model.apply({"params": params}, batch["image"], train=True, rngs=rngs)
-      return out["loss"], ({}, batch_stats)
+    loss_fn = mae_stage.make_loss_fn(model)
+    options = mae_stage.compiler_options()
   else:
     config = va.get_config("size=smoke")
     config.model.head_norm = "batch"  # the paper's head: batch statistics must reduce globally
@@ -73,12 +73,8 @@ def _run(kind, mesh_sizes, devices, with_gradient=False):
              "va_valid": frame_mask & (rng.uniform(size=(batch_size, window)) < 0.8)}
     init_inputs = dict(features=jax.ShapeDtypeStruct(batch["features"].shape, jnp.float32),
                        frame_mask=jax.ShapeDtypeStruct(frame_mask.shape, jnp.bool_))
-    task = tasks.TASKS["va"]
-
-    def loss_fn(params, batch_stats, batch, rngs):  # as in train/temporal.py
-      outputs, mutated = model.apply({"params": params, "batch_stats": batch_stats}, batch["features"],
-                                     batch["frame_mask"], train=True, rngs=rngs, mutable=["batch_stats"])
-      return task.loss(outputs, batch, task.valid(batch)), ({}, mutated["batch_stats"])
+    loss_fn = temporal_train.make_loss_fn(model, tasks.TASKS["va"])
+    options = temporal_train.compiler_options()
 
   # Two steps per epoch: the warm-up gives learning rates 0, lr/2, lr for the temporal model.
   tx, _ = optimizer_lib.make_optimizer(config.optimizer, steps_per_epoch=2)
@@ -99,8 +95,7 @@ def _run(kind, mesh_sizes, devices, with_gradient=False):
     rngs = {"dropout": jax.random.key(1), "mask": jax.random.key(2)}
     gradient = jax.device_get(jax.jit(jax.grad(lambda p: loss_fn(p, state.batch_stats, batch, rngs)[0]))(
         state.params))
-  # The temporal stage's step is compiled with its own XLA options (affect_jax.train.temporal).
-  options = temporal_train.compiler_options() if kind == "temporal" else None
+  # Each stage's step is compiled with its own XLA options (as the stages build it).
   step = trainer.make_train_step(loss_fn, tx, shardings, mesh, config.seed, compiler_options=options)
   losses = []
   for _ in range(NUM_STEPS):
