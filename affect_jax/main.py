@@ -12,6 +12,7 @@ from absl import logging
 import jax
 from ml_collections import config_flags
 
+from affect_jax import allocator
 from affect_jax import stages
 from affect_jax.data import datasets
 
@@ -28,6 +29,7 @@ flags.mark_flags_as_required(["config", "workdir"])
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  allocator.limit_arenas()  # before the data pipelines' threads (affect_jax/allocator.py)
   if _COORDINATOR.value or _DISTRIBUTED.value:
     jax.distributed.initialize(
         coordinator_address=_COORDINATOR.value, num_processes=_NUM_PROCESSES.value,

@@ -39,6 +39,7 @@ import ml_collections
 import numpy as np
 from PIL import Image
 
+from affect_jax import allocator
 from affect_jax import evaluation
 from affect_jax import predict_faces
 from affect_jax import stages
@@ -488,6 +489,7 @@ _MAX_FRAMES = flags.DEFINE_integer("max_frames", None, "Stop after this many fra
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  allocator.limit_arenas()  # before the data pipelines' threads (affect_jax/allocator.py)
   if not _INPUT.value or not _WORKDIR.value:
     raise app.UsageError("--input and --workdir are required")
   try:

@@ -43,6 +43,12 @@ from absl import flags
 import jax
 import numpy as np
 
+from affect_jax import allocator
+
+# Every figure's process (children included) runs with the allocator setting the package's entry
+# points make (affect_jax.main, affect_jax.predict): glibc malloc arenas capped.
+allocator.limit_arenas()
+
 QUICK = flags.DEFINE_bool("quick", False, "Few rounds at small sizes: a sanity run, not a figure.")
 ROUNDS = flags.DEFINE_integer("rounds", None, "Timed rounds (default: the figure's; --quick: 2).")
 WARMUP = flags.DEFINE_integer("warmup", None, "Untimed calls per contender first (default 2; --quick 1).")
