@@ -23,6 +23,16 @@ ARENAS = 2
 _M_ARENA_MAX = -8  # glibc's malloc.h
 
 
+def glibc():
+  """The process's C library through ctypes when it is glibc, else None."""
+  try:
+    libc = ctypes.CDLL(None)
+    libc.gnu_get_libc_version  # pylint: disable=pointless-statement  (glibc only)
+  except (OSError, AttributeError):
+    return None
+  return libc
+
+
 def limit_arenas(arenas: int = ARENAS) -> bool:
   """Caps this process's glibc malloc arenas at `arenas`; True if it did.
 
@@ -30,15 +40,10 @@ def limit_arenas(arenas: int = ARENAS) -> bool:
   Nothing is changed when MALLOC_ARENA_MAX is set in the environment (the user's choice) or when
   the C library is not glibc.
   """
-  if "MALLOC_ARENA_MAX" in os.environ:
+  libc = glibc()
+  if "MALLOC_ARENA_MAX" in os.environ or libc is None:
     return False
-  try:
-    libc = ctypes.CDLL(None)
-    libc.gnu_get_libc_version  # pylint: disable=pointless-statement  (glibc only)
-    mallopt = libc.mallopt
-  except (OSError, AttributeError):
-    return False
-  done = bool(mallopt(_M_ARENA_MAX, int(arenas)))
+  done = bool(libc.mallopt(_M_ARENA_MAX, int(arenas)))
   if done:
     logging.info("glibc malloc arenas capped at %d (affect_jax.allocator)", arenas)
   return done

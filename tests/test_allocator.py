@@ -11,6 +11,8 @@ import textwrap
 
 import pytest
 
+from affect_jax import allocator
+
 _CHILD = textwrap.dedent("""
     import ctypes, os, sys, tempfile, threading
     import numpy as np
@@ -47,16 +49,7 @@ def _run(mode, **env):
   return int(values["ARENAS"]), values.get("LIMITED")
 
 
-def _glibc():
-  import ctypes  # pylint: disable=g-import-not-at-top
-  try:
-    ctypes.CDLL(None).gnu_get_libc_version  # pylint: disable=expression-not-assigned
-    return True
-  except AttributeError:
-    return False
-
-
-@pytest.mark.skipif(not _glibc(), reason="glibc's malloc arenas")
+@pytest.mark.skipif(allocator.glibc() is None, reason="glibc's malloc arenas")
 def test_threads_share_two_arenas_once_capped():
   default, _ = _run("default")
   capped, limited = _run("limit")
@@ -65,7 +58,7 @@ def test_threads_share_two_arenas_once_capped():
   assert capped <= 2, capped
 
 
-@pytest.mark.skipif(not _glibc(), reason="glibc's malloc arenas")
+@pytest.mark.skipif(allocator.glibc() is None, reason="glibc's malloc arenas")
 def test_the_users_setting_wins():
   arenas, limited = _run("limit", MALLOC_ARENA_MAX="3")
   assert limited == "False"

@@ -5,9 +5,9 @@ others what users would otherwise run (PyTorch eager, torch.compile) or a machin
 builds every contender, warms each up (compilation, allocator), then times R rounds alternating the
 contenders A B C A B C ... so that the other jobs sharing this machine slow all of them alike; each
 timed call starts after --settle seconds idle, so no contender runs while the previous one's
-threads are still spinning. It
-reports medians and, for each contender, the median of the per-round ratios ours / it (a ratio is
-taken within one round, so load that changes between rounds cancels). Contenders with the same
+threads are still spinning. It reports medians and, for each contender, the median of the
+per-round ratios ours / it (a ratio is taken within one round, so load that changes between rounds
+cancels). Contenders with the same
 unit compare by items/s; otherwise by GFLOP/s.
 
 Peak memory: with `--memory` each contender marked `memory=True` also runs alone in a subprocess

@@ -1,6 +1,6 @@
 r"""Where the time of our ViT-B/16 forward goes, by kind of compiled thunk (not a side-by-side figure).
 
-  python -m experiments.bench.profile_vit_forward [--batch=8] [--calls=3] [--trace_dir=DIR]
+  python -m experiments.bench.profile_vit_forward [--batch=8 (vit_forward's flag)] [--calls=3] [--trace_dir=DIR]
 
 Traces --calls calls of the jitted forward (random parameters, 224x224, float32) after two warm-up
 calls with `jax.profiler`, reads the trace back with `jax.profiler.ProfileData` and sums XLA's
@@ -18,13 +18,10 @@ import time
 
 from absl import app
 from absl import flags
-from flax import linen as nn
 import jax
-import numpy as np
 
-from affect_jax.models import vit
+from experiments.bench import vit_forward
 
-BATCH = flags.DEFINE_integer("batch", 8, "Images per forward call.")
 CALLS = flags.DEFINE_integer("calls", 3, "Traced calls.")
 TRACE_DIR = flags.DEFINE_string("trace_dir", None, "Where to write the trace (default: a temporary folder).")
 
@@ -41,11 +38,7 @@ def ynn_kind(ops):
 
 def main(argv):
   del argv
-  model = vit.VisionTransformer(**vit.VIT_PRESETS["B"], image_size=224, patch_size=16)
-  images = np.random.default_rng(0).normal(size=(BATCH.value, 224, 224, 3)).astype(np.float32)
-  params = nn.unbox(jax.jit(lambda: model.init(jax.random.key(0), images[:1]))()["params"])
-  forward = jax.jit(lambda p, x: model.apply({"params": p}, x)["patches"])  # as vit_forward's ours
-  args = (params, jax.device_put(images))
+  forward, args = vit_forward.random_forward("B", 224, 16, vit_forward.BATCH.value)  # the figure's own forward
   for _ in range(2):
     jax.block_until_ready(forward(*args))
   start = time.perf_counter()

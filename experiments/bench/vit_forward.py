@@ -47,21 +47,32 @@ def vit_gflop(variant, image_size, patch_size):
   return 2 * (depth * per_block + patch) / 1e9
 
 
+def jitted_forward(model_kwargs):
+  """Our jitted ViT forward `(params, images) -> patch tokens`."""
+  model = vit.VisionTransformer(**model_kwargs)
+  return jax.jit(lambda p, x: model.apply({"params": p}, x)["patches"])
+
+
 def ours_forward(params, model_kwargs, images):
   """A blocking call of our jitted ViT forward, and its output for the parity check."""
-  model = vit.VisionTransformer(**model_kwargs)
-  forward = jax.jit(lambda p, x: model.apply({"params": p}, x)["patches"])
+  forward = jitted_forward(model_kwargs)
   params = jax.device_put(params)
   images = jax.device_put(images)
   return lambda: jax.block_until_ready(forward(params, images))
 
 
-def make_ours_random(variant, image_size, patch_size, batch):
-  """Our forward with random parameters (for experiments/bench/flag_sweep.py)."""
+def random_forward(variant, image_size, patch_size, batch):
+  """(jitted forward, (random parameters, images)) of a preset, float32."""
   kwargs = dict(vit.VIT_PRESETS[variant], image_size=image_size, patch_size=patch_size)
   images = np.random.default_rng(0).normal(size=(batch, image_size, image_size, 3)).astype(np.float32)
   params = jax.jit(lambda: vit.VisionTransformer(**kwargs).init(jax.random.key(0), images[:1]))()
-  return ours_forward(nn.unbox(params["params"]), kwargs, images)
+  return jitted_forward(kwargs), (jax.device_put(nn.unbox(params["params"])), jax.device_put(images))
+
+
+def make_ours_random(variant, image_size, patch_size, batch):
+  """Our forward with random parameters (for experiments/bench/flag_sweep.py)."""
+  forward, args = random_forward(variant, image_size, patch_size, batch)
+  return lambda: jax.block_until_ready(forward(*args))
 
 
 def matmul_call(n=2048):

@@ -38,6 +38,18 @@ def _temporal_step_text(compiler_options):
   return step.lower(state, batch).compile().as_text()
 
 
+def _mae_state(size, batch):
+  """(model, tx, mesh, state, shardings, images, seed) of configs/mae_pretrain.py at `size`."""
+  config = mae_pretrain.get_config(f"size={size}")
+  model = mae_lib.mae_from_config(config.model)
+  tx, _ = optimizer_lib.make_optimizer(config.optimizer, steps_per_epoch=2)
+  mesh = trainer.make_mesh(config.mesh)
+  side = config.model.image_size
+  images = jax.ShapeDtypeStruct((batch, side, side, 3), jnp.float32)
+  state, shardings = trainer.create_train_state(model, tx, dict(images=images), jax.random.key(0), mesh)
+  return model, tx, mesh, state, shardings, images, config.seed
+
+
 def test_other_backends_keep_xla_defaults():
   if jax.default_backend() == "cpu":
     pytest.skip("the CPU backend is checked below")
@@ -52,14 +64,8 @@ def test_temporal_step_uses_eigen_on_cpu_and_mae_keeps_ynnpack():
   assert YNN in _temporal_step_text(None)  # XLA's default: the dots go to YNNPACK
   assert YNN not in _temporal_step_text(temporal_train.compiler_options())
 
-  config = mae_pretrain.get_config("size=smoke")
-  model = mae_lib.mae_from_config(config.model)
-  tx, _ = optimizer_lib.make_optimizer(config.optimizer, steps_per_epoch=2)
-  mesh = trainer.make_mesh(config.mesh)
-  size = config.model.image_size
-  images = jax.ShapeDtypeStruct((4, size, size, 3), jnp.float32)
-  state, shardings = trainer.create_train_state(model, tx, dict(images=images), jax.random.key(0), mesh)
-  step = mae_stage.make_train_step(model, tx, shardings, mesh, config.seed)
+  model, tx, mesh, state, shardings, images, seed = _mae_state("smoke", 4)
+  step = mae_stage.make_train_step(model, tx, shardings, mesh, seed)
   assert YNN in step.lower(state, dict(image=images)).compile().as_text()
 
 
@@ -68,16 +74,10 @@ def test_mae_step_uses_the_memory_optimised_scheduler_on_cpu():
     pytest.skip("an XLA CPU scheduler")
   assert mae_stage.compiler_options() == {
       "xla_cpu_scheduler_type": "CPU_SCHEDULER_TYPE_MEMORY_OPTIMIZED"}
-  config = mae_pretrain.get_config("size=tiny")
-  model = mae_lib.mae_from_config(config.model)
-  tx, _ = optimizer_lib.make_optimizer(config.optimizer, steps_per_epoch=2)
-  mesh = trainer.make_mesh(config.mesh)
-  size = config.model.image_size
-  images = jax.ShapeDtypeStruct((8, size, size, 3), jnp.float32)
-  state, shardings = trainer.create_train_state(model, tx, dict(images=images), jax.random.key(0), mesh)
+  model, tx, mesh, state, shardings, images, seed = _mae_state("tiny", 8)
 
   def temporaries(options):
-    step = trainer.make_train_step(mae_stage.make_loss_fn(model), tx, shardings, mesh, config.seed,
+    step = trainer.make_train_step(mae_stage.make_loss_fn(model), tx, shardings, mesh, seed,
                                    compiler_options=options)
     return step.lower(state, dict(image=images)).compile().memory_analysis().temp_size_in_bytes
 
