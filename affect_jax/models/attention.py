@@ -6,8 +6,8 @@ layer alive from the forward pass. Here the forward pass keeps only q, k, v and 
 softmax maximum and normaliser; the backward pass recomputes the weights from them, as flash
 attention does (Dao et al. 2022, without the tiling). Same values and gradients (float32 rounding
 aside); for the MAE ViT-B/16 step at batch 8 on CPU, compiled temporaries fall from 1639 to
-1313 MiB and the step is faster (experiments/bench/RESULTS.md). Without differentiation it is
-jax.nn's function.
+1313 MiB and the step is faster (experiments/bench/RESULTS.md). Not differentiated, it normalises
+after the product with the values (``_attend``), which is faster on CPU than jax.nn's program.
 
 Layouts follow ``jax.nn.dot_product_attention``: q, k, v ``[B, T, H, D]``; ``mask`` broadcastable
 to ``[B, H, T, S]`` (True = attend). Scores and softmax are float32 whatever the input dtype; the
@@ -25,6 +25,24 @@ def _scores(query, key, mask):
   if mask is not None:
     scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
   return scores
+
+
+def _attend(query, key, value, mask):
+  """The forward pass without residuals: inference, extraction, ``predict``.
+
+  Normalises after the product with the values, ``(exp(s - max) v) / sum``: the division runs
+  over the ``[B, T, H, D]`` output instead of the ``[B, H, T, S]`` weights, and XLA CPU fuses it
+  into the copy that merges the heads. jax.nn's XLA program makes a separate pass over the
+  weights; ViT-B/16's attention layer with its four projections, batch 8 on CPU, ran 1.2-1.3x
+  faster this way (experiments/bench/RESULTS.md). Under differentiation, the same reordering made
+  the forward + backward pass slower (0.87-0.93x), so ``_forward`` normalises the weights first.
+  """
+  scores = _scores(query, key, mask)
+  unnormalised = jnp.exp(scores - scores.max(-1, keepdims=True))
+  total = unnormalised.sum(-1)  # [B, H, T]
+  out = jnp.einsum('bhqk,bkhd->bqhd', unnormalised.astype(value.dtype), value,
+                   preferred_element_type=jnp.float32)
+  return (out / jnp.swapaxes(total, 1, 2)[..., None]).astype(value.dtype)
 
 
 def _forward(query, key, value, mask):
@@ -59,9 +77,7 @@ def _backward(residuals, grad_out):
 @jax.custom_vjp
 def dot_product_attention(query, key, value, mask=None):
   """softmax(q k^T / sqrt(D), masked) v, per head; see the module docstring."""
-  # Not differentiated (inference, extraction): jax.nn's own, whose XLA CPU program is faster
-  # than _forward's (one fused attention kernel: 62 vs 32 ms at [8, 197, 16, 32]).
-  return jax.nn.dot_product_attention(query, key, value, mask=mask)
+  return _attend(query, key, value, mask)
 
 
 dot_product_attention.defvjp(_forward, _backward)

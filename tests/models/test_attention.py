@@ -63,3 +63,28 @@ def test_backward_keeps_no_attention_weights():
 
   assert max(residual_sizes(lambda q, k, v: attention.dot_product_attention(q, k, v))) < weights_size
   assert max(residual_sizes(lambda q, k, v: jax.nn.dot_product_attention(q, k, v))) >= weights_size
+
+
+def _divides(fn, *args):
+  """Output sizes of the divisions by an array (not by a scalar such as the 1/sqrt(D) scale) in
+  fn's jaxpr, nested jaxprs included."""
+  def walk(jaxpr):
+    for eqn in jaxpr.eqns:
+      if eqn.primitive.name == 'div' and eqn.invars[1].aval.shape:
+        yield eqn.outvars[0].aval.size
+      for param in eqn.params.values():
+        for sub in param if isinstance(param, (tuple, list)) else (param,):
+          if isinstance(sub, jax.extend.core.ClosedJaxpr):
+            yield from walk(sub.jaxpr)
+          elif isinstance(sub, jax.extend.core.Jaxpr):
+            yield from walk(sub)
+  return list(walk(jax.make_jaxpr(fn)(*args).jaxpr))
+
+
+def test_inference_normalises_the_output_not_the_weights():
+  """Not differentiated, the division runs over [B, T, H, D], never over the [B, H, T, S] weights."""
+  query, key, value = _inputs(shape=(2, 64, 2, 4))
+  weights_size = 2 * 2 * 64 * 64
+  ours = _divides(attention.dot_product_attention, query, key, value)
+  assert ours and max(ours) <= query.size
+  assert max(_divides(lambda q, k, v: jax.nn.dot_product_attention(q, k, v), query, key, value)) >= weights_size
