@@ -27,7 +27,7 @@ _CHILD = textwrap.dedent("""
     threads = [threading.Thread(target=work) for _ in range(8)]
     for t in threads: t.start()
     for t in threads: t.join()
-    libc = ctypes.CDLL(None)
+    libc = allocator.glibc()
     libc.fopen.restype = ctypes.c_void_p
     libc.fopen.argtypes = [ctypes.c_char_p, ctypes.c_char_p]
     libc.malloc_info.argtypes = [ctypes.c_int, ctypes.c_void_p]

@@ -27,6 +27,15 @@ def _scores(query, key, mask):
   return scores
 
 
+def _exponentials(query, key, mask):
+  """(exp(scores - peak), per-query peak, per-query sum of the exponentials), the last two
+  ``[B, H, T, 1]``. A custom VJP's forward is never differentiated, so neither is this."""
+  scores = _scores(query, key, mask)
+  peak = scores.max(-1, keepdims=True)
+  unnormalised = jnp.exp(scores - peak)
+  return unnormalised, peak, unnormalised.sum(-1, keepdims=True)
+
+
 def _attend(query, key, value, mask):
   """The forward pass without residuals: inference, extraction, ``predict``.
 
@@ -37,19 +46,14 @@ def _attend(query, key, value, mask):
   faster this way (experiments/bench/RESULTS.md). Under differentiation, the same reordering made
   the forward + backward pass slower (0.87-0.93x), so ``_forward`` normalises the weights first.
   """
-  scores = _scores(query, key, mask)
-  unnormalised = jnp.exp(scores - scores.max(-1, keepdims=True))
-  total = unnormalised.sum(-1)  # [B, H, T]
+  unnormalised, _, total = _exponentials(query, key, mask)
   out = jnp.einsum('bhqk,bkhd->bqhd', unnormalised.astype(value.dtype), value,
                    preferred_element_type=jnp.float32)
-  return (out / jnp.swapaxes(total, 1, 2)[..., None]).astype(value.dtype)
+  return (out / jnp.swapaxes(total, 1, 2)).astype(value.dtype)  # [B, H, T, 1] -> [B, T, H, 1]
 
 
 def _forward(query, key, value, mask):
-  scores = _scores(query, key, mask)
-  peak = scores.max(-1, keepdims=True)  # a custom VJP's forward is never differentiated
-  unnormalised = jnp.exp(scores - peak)
-  total = unnormalised.sum(-1, keepdims=True)
+  unnormalised, peak, total = _exponentials(query, key, mask)
   out = jnp.einsum('bhqk,bkhd->bqhd', (unnormalised / total).astype(value.dtype), value)
   # peak and total separately: peak + log(total) rounds back to peak when a query sees no key
   # (every score is finfo.min), and the weights would come back as 1 instead of 1 / S.

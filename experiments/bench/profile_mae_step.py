@@ -32,8 +32,7 @@ def main(argv):
     print(f"\nwall {wall / 1e6:.0f} ms per traced step; thunk time {per_call / 1e6:.0f} ms per step on "
           f"{threads} threads")
     for kind in KINDS:
-      mine = sorted(((ns, key) for key, ns in thunks.items() if key[0].rsplit(".", 1)[0] == kind),
-                    reverse=True)
+      mine = sorted(((ns, key[1:]) for key, ns in thunks.items() if key[0] == kind), reverse=True)
       if not mine:
         continue
       total = sum(ns for ns, _ in mine) / profile.CALLS.value / 1e6

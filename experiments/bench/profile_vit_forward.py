@@ -39,8 +39,9 @@ def ynn_kind(ops):
 def thunk_times(call, compiled_text):
   """Traces CALLS calls of `call()` (already warmed up) and sums XLA's thunk time.
 
-  Returns (wall ns per traced call, Counter kind -> ns, Counter (thunk name, shape, op_name) -> ns
-  for every thunk, number of XLA threads seen); `compiled_text` is the compiled program's as_text().
+  Returns (wall ns per traced call, Counter kind -> ns, Counter (kind, thunk name, shape, op_name)
+  -> ns for every thunk, number of XLA threads seen); `compiled_text` is the compiled program's
+  as_text().
   """
   trace_dir = TRACE_DIR.value or tempfile.mkdtemp()
   jax.profiler.start_trace(trace_dir)
@@ -70,7 +71,7 @@ def thunk_times(call, compiled_text):
         else:
           kind = re.sub(r"\.\d+$", "", name)
         kinds[kind] += event.duration_ns
-        thunks[(name, shapes.get(name, ""), op_names.get(name, ""))] += event.duration_ns
+        thunks[(kind, name, shapes.get(name, ""), op_names.get(name, ""))] += event.duration_ns
   return wall, kinds, thunks, len(threads)
 
 
