@@ -5,8 +5,11 @@ softmax, so the backward pass keeps the ``[B, H, T, T]`` weights and the exponen
 layer alive from the forward pass. Here the forward pass keeps only q, k, v and each query's
 softmax maximum and normaliser; the backward pass recomputes the weights from them, as flash
 attention does (Dao et al. 2022, without the tiling). Same values and gradients (float32 rounding
-aside); for the MAE ViT-B/16 step at batch 8 on CPU, compiled temporaries fall from 1639 to
-1313 MiB and the step is faster (experiments/bench/RESULTS.md). Not differentiated, it normalises
+aside); for the MAE ViT-B/16 step at batch 8 on CPU, compiled temporaries fell from 1639 to
+1313 MiB and the step got faster. The backward pass writes the recomputation differently from the
+forward pass (``_backward``): written the same way, XLA merged the two and kept the forward's
+scores and broadcasts alive after all; the step's temporaries fall by another 143 MiB that way
+(experiments/bench/RESULTS.md). Not differentiated, it normalises
 after the product with the values (``_attend``), which is faster on CPU than jax.nn's program.
 
 Layouts follow ``jax.nn.dot_product_attention``: q, k, v ``[B, T, H, D]``; ``mask`` broadcastable
@@ -62,19 +65,32 @@ def _forward(query, key, value, mask):
 
 def _backward(residuals, grad_out):
   query, key, value, mask, peak, total = residuals
-  weights = jnp.exp(_scores(query, key, mask) - peak) / total  # recomputed, never stored
+  # The scores are recomputed from the query scaled first, not as _scores' product then scale:
+  # the same expression as the forward pass's would be merged with it by XLA's common-subexpression
+  # elimination, which keeps the forward's [B, H, T, S] scores alive until here. (An optimisation
+  # barrier does not stop that on CPU: XLA CPU removes barriers before it.)
+  scale = (1.0 / np.sqrt(query.shape[-1])).astype(np.float32)
+  scaled_query = query * scale.astype(query.dtype)
+  scores = jnp.einsum('bqhd,bkhd->bhqk', scaled_query, key, preferred_element_type=jnp.float32)
+  if mask is not None:
+    scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
+  # exp(scores - peak) / total as one exponential, for the same reason: XLA CPU materialises the
+  # forward pass's broadcasts of peak and 1 / total as [B, H, T, S] buffers, and would keep those.
+  weights = jnp.exp(scores - (peak + jnp.log(total)))  # recomputed, never stored
+  # A query that sees no key has peak = finfo.min, which absorbs log(total); its weights are 1 / S.
+  weights = jnp.where(peak > jnp.finfo(jnp.float32).min, weights, 1.0 / scores.shape[-1])
   grad_value = jnp.einsum('bhqk,bqhd->bkhd', weights.astype(grad_out.dtype), grad_out)
   grad_weights = jnp.einsum('bqhd,bkhd->bhqk', grad_out, value, preferred_element_type=jnp.float32)
   # Softmax's VJP. sum_k weights * grad_weights equals <grad_out, out> per query in exact
   # arithmetic; summing it from the weights keeps sum_k grad_scores at rounding level, so the
   # key bias (which the softmax cannot see) gets no gradient, as with autodiff of the softmax.
   row_dot = (weights * grad_weights).sum(-1, keepdims=True)
-  grad_scores = weights * (grad_weights - row_dot) / np.sqrt(query.shape[-1]).astype(np.float32)
+  grad_scores = weights * (grad_weights - row_dot)  # d loss / d (scaled_query . key)
   if mask is not None:  # masked scores are constants
     grad_scores = jnp.where(mask, grad_scores, 0.0)
   grad_scores = grad_scores.astype(query.dtype)
-  grad_query = jnp.einsum('bhqk,bkhd->bqhd', grad_scores, key)
-  grad_key = jnp.einsum('bhqk,bqhd->bkhd', grad_scores, query)
+  grad_query = jnp.einsum('bhqk,bkhd->bqhd', grad_scores, key) * scale.astype(query.dtype)
+  grad_key = jnp.einsum('bhqk,bqhd->bkhd', grad_scores, scaled_query)
   return grad_query, grad_key, grad_value, None
 
 

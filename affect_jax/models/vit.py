@@ -28,13 +28,14 @@ import ml_collections
 import numpy as np
 
 from affect_jax.models import attention
+from affect_jax.models import gelu
 from affect_jax.models import partitioning as P
 
 Dtype = Any
 
 # Exact (erf) GELU: timm's nn.GELU() and HF ViT/ViTMAE's "gelu" are both exact.
 ACTIVATIONS = {
-    'gelu': functools.partial(jax.nn.gelu, approximate=False),
+    'gelu': gelu.gelu,
     'relu': jax.nn.relu,
     'silu': jax.nn.silu,
 }

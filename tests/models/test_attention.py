@@ -1,5 +1,7 @@
 """attention.dot_product_attention against jax.nn.dot_product_attention: values, gradients, memory."""
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -88,3 +90,19 @@ def test_inference_normalises_the_output_not_the_weights():
   ours = _divides(attention.dot_product_attention, query, key, value)
   assert ours and max(ours) <= query.size
   assert max(_divides(lambda q, k, v: jax.nn.dot_product_attention(q, k, v), query, key, value)) >= weights_size
+
+
+def test_backward_recomputes_the_scores_in_the_compiled_program():
+  """XLA must not merge the backward pass's scores with the forward pass's (common-subexpression
+  elimination would keep the forward's [B, H, T, S] scores alive until the backward pass): the
+  compiled gradient has three [B, H, T, S] products (scores, recomputed scores, gradient of the
+  weights); jax.nn's and a backward written like the forward have two."""
+  query, key, value = _inputs(shape=(2, 64, 2, 8))
+
+  def products(fn):
+    grad = jax.jit(jax.grad(lambda q, k, v: jnp.tanh(fn(q, k, v)).sum(), (0, 1, 2)))
+    text = grad.lower(query, key, value).compile().as_text()
+    return len(re.findall(r'= f32\[2,2,64,64\]\{[0-9,]*\} dot\(', text))
+
+  assert products(attention.dot_product_attention) == 3
+  assert products(jax.nn.dot_product_attention) == 2

@@ -74,7 +74,7 @@ def test_mae_step_uses_the_memory_optimised_scheduler_on_cpu():
     pytest.skip("an XLA CPU scheduler")
   assert mae_stage.compiler_options() == {
       "xla_cpu_scheduler_type": "CPU_SCHEDULER_TYPE_MEMORY_OPTIMIZED"}
-  model, tx, mesh, state, shardings, images, seed = _mae_state("tiny", 8)
+  model, tx, mesh, state, shardings, images, seed = _mae_state("tiny", 16)
 
   def temporaries(options):
     step = trainer.make_train_step(mae_stage.make_loss_fn(model), tx, shardings, mesh, seed,
@@ -82,5 +82,7 @@ def test_mae_step_uses_the_memory_optimised_scheduler_on_cpu():
     return step.lower(state, dict(image=images)).compile().memory_analysis().temp_size_in_bytes
 
   default, ours = temporaries(None), temporaries(mae_stage.compiler_options())
-  # Measured when the option was chosen: 19.9 MB -> 17.1 MB at this size (-14 %).
+  # Measured when the option was chosen: 19.9 MB -> 17.1 MB at batch 8 (-14 %). Since GELU and
+  # attention keep less for the backward pass (affect_jax/models/gelu.py, attention.py): 15.0 ->
+  # 14.3 MB at batch 8 (-5 %), 30.0 -> 27.4 MB at batch 16 (-9 %), 129.6 -> 106.7 MB at 64.
   assert ours < 0.95 * default, (ours, default)
