@@ -65,13 +65,17 @@ def _forward(query, key, value, mask):
 
 def _backward(residuals, grad_out):
   query, key, value, mask, peak, total = residuals
-  # The scores are recomputed from the query scaled first, not as _scores' product then scale:
-  # the same expression as the forward pass's would be merged with it by XLA's common-subexpression
+  # The scores are recomputed from a scaled query, not as _scores' product of q and k: the same
+  # expression as the forward pass's would be merged with it by XLA's common-subexpression
   # elimination, which keeps the forward's [B, H, T, S] scores alive until here. (An optimisation
-  # barrier does not stop that on CPU: XLA CPU removes barriers before it.)
-  scale = (1.0 / np.sqrt(query.shape[-1])).astype(np.float32)
-  scaled_query = query * scale.astype(query.dtype)
-  scores = jnp.einsum('bqhd,bkhd->bhqk', scaled_query, key, preferred_element_type=jnp.float32)
+  # barrier does not stop that on CPU: XLA CPU removes barriers before it.) The query takes the
+  # power-of-two part of 1/sqrt(D), exact in any float format (bfloat16 included); the float32
+  # scores take the rest.
+  scale = 1.0 / np.sqrt(query.shape[-1])
+  query_scale = 2.0 ** np.floor(np.log2(scale))
+  rest = np.float32(scale / query_scale)
+  scaled_query = query * np.asarray(query_scale, query.dtype)
+  scores = jnp.einsum('bqhd,bkhd->bhqk', scaled_query, key, preferred_element_type=jnp.float32) * rest
   if mask is not None:
     scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
   # exp(scores - peak) / total as one exponential, for the same reason: XLA CPU materialises the
@@ -85,11 +89,11 @@ def _backward(residuals, grad_out):
   # arithmetic; summing it from the weights keeps sum_k grad_scores at rounding level, so the
   # key bias (which the softmax cannot see) gets no gradient, as with autodiff of the softmax.
   row_dot = (weights * grad_weights).sum(-1, keepdims=True)
-  grad_scores = weights * (grad_weights - row_dot)  # d loss / d (scaled_query . key)
+  grad_scores = weights * (grad_weights - row_dot) * rest  # d loss / d (scaled_query . key)
   if mask is not None:  # masked scores are constants
     grad_scores = jnp.where(mask, grad_scores, 0.0)
   grad_scores = grad_scores.astype(query.dtype)
-  grad_query = jnp.einsum('bhqk,bkhd->bqhd', grad_scores, key) * scale.astype(query.dtype)
+  grad_query = jnp.einsum('bhqk,bkhd->bqhd', grad_scores, key) * np.asarray(query_scale, query.dtype)
   grad_key = jnp.einsum('bhqk,bqhd->bkhd', grad_scores, scaled_query)
   return grad_query, grad_key, grad_value, None
 
