@@ -8,7 +8,7 @@ attention does (Dao et al. 2022, without the tiling). Same values and gradients 
 aside); for the MAE ViT-B/16 step at batch 8 on CPU, compiled temporaries fell from 1639 to
 1313 MiB and the step got faster. The backward pass writes the recomputation differently from the
 forward pass (``_backward``): written the same way, XLA merged the two and kept the forward's
-scores and broadcasts alive after all; the step's temporaries fall by another 143 MiB that way
+scores and broadcasts alive after all; the step's temporaries fall by another ~140 MiB that way
 (experiments/bench/RESULTS.md). Not differentiated, it normalises
 after the product with the values (``_attend``), which is faster on CPU than jax.nn's program.
 
