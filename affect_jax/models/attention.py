@@ -22,12 +22,13 @@ import jax.numpy as jnp
 import numpy as np
 
 
+def _masked(scores, mask):
+  return scores if mask is None else jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
+
+
 def _scores(query, key, mask):
   scores = jnp.einsum('bqhd,bkhd->bhqk', query, key, preferred_element_type=jnp.float32)
-  scores = scores / np.sqrt(query.shape[-1]).astype(np.float32)
-  if mask is not None:
-    scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
-  return scores
+  return _masked(scores / np.sqrt(query.shape[-1]).astype(np.float32), mask)
 
 
 def _exponentials(query, key, mask):
@@ -59,7 +60,7 @@ def _forward(query, key, value, mask):
   unnormalised, peak, total = _exponentials(query, key, mask)
   out = jnp.einsum('bhqk,bkhd->bqhd', (unnormalised / total).astype(value.dtype), value)
   # peak and total separately: peak + log(total) rounds back to peak when a query sees no key
-  # (every score is finfo.min), and the weights would come back as 1 instead of 1 / S.
+  # (every score is finfo.min); the backward pass tells those queries by their peak.
   return out, (query, key, value, mask, peak, total)
 
 
@@ -75,9 +76,8 @@ def _backward(residuals, grad_out):
   query_scale = 2.0 ** np.floor(np.log2(scale))
   rest = np.float32(scale / query_scale)
   scaled_query = query * np.asarray(query_scale, query.dtype)
-  scores = jnp.einsum('bqhd,bkhd->bhqk', scaled_query, key, preferred_element_type=jnp.float32) * rest
-  if mask is not None:
-    scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
+  scores = _masked(
+      jnp.einsum('bqhd,bkhd->bhqk', scaled_query, key, preferred_element_type=jnp.float32) * rest, mask)
   # exp(scores - peak) / total as one exponential, for the same reason: XLA CPU materialises the
   # forward pass's broadcasts of peak and 1 / total as [B, H, T, S] buffers, and would keep those.
   weights = jnp.exp(scores - (peak + jnp.log(total)))  # recomputed, never stored
