@@ -29,6 +29,7 @@ import numpy as np
 
 from affect_jax.models import attention
 from affect_jax.models import gelu
+from affect_jax.models import layers
 from affect_jax.models import partitioning as P
 
 Dtype = Any
@@ -60,21 +61,24 @@ def partitioned(init: Any, axes: tuple[str | None, ...]) -> Any:
 
 
 def dense(features: int, axes: tuple[str, str], dtype: Dtype, name: str,
-          kernel_init: Any = DEFAULT_KERNEL_INIT) -> nn.Dense:
-  """``nn.Dense`` with logically named kernel and bias, float32 params."""
-  return nn.Dense(
+          kernel_init: Any = DEFAULT_KERNEL_INIT, input_activation: str | None = None) -> layers.Dense:
+  """``layers.Dense`` (``nn.Dense`` whose parameter gradients are computed at once in the
+  backward pass) with logically named kernel and bias, float32 params."""
+  return layers.Dense(
       features,
       dtype=dtype,
       param_dtype=jnp.float32,
       kernel_init=partitioned(kernel_init, axes),
       bias_init=partitioned(nn.initializers.zeros, axes[-1:]),
+      input_activation=input_activation,
       name=name,
   )
 
 
-def layer_norm(epsilon: float, dtype: Dtype, name: str, axis_name: str = P.EMBED) -> nn.LayerNorm:
-  """``nn.LayerNorm`` with logically named scale and bias, float32 params."""
-  return nn.LayerNorm(
+def layer_norm(epsilon: float, dtype: Dtype, name: str, axis_name: str = P.EMBED) -> layers.LayerNorm:
+  """``layers.LayerNorm`` (``nn.LayerNorm``, parameter gradients computed at once in the backward
+  pass) with logically named scale and bias, float32 params."""
+  return layers.LayerNorm(
       epsilon=epsilon,
       dtype=dtype,
       param_dtype=jnp.float32,
@@ -224,6 +228,10 @@ class Mlp(nn.Module):
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
     width = x.shape[-1]
     y = dense(self.hidden_dim, (P.EMBED, P.MLP), self.dtype, 'fc1')(x)
+    if self.activation == 'gelu' and not (train and self.dropout > 0.0):
+      # GELU inside fc2: its backward pass recomputes gelu(y) instead of keeping it.
+      y = dense(width, (P.MLP, P.EMBED), self.dtype, 'fc2', input_activation='gelu')(y)
+      return Dropout(self.dropout)(y, deterministic=not train)
     y = ACTIVATIONS[self.activation](y)
     y = Dropout(self.dropout)(y, deterministic=not train)
     y = dense(width, (P.MLP, P.EMBED), self.dtype, 'fc2')(y)

@@ -154,25 +154,27 @@ def make_train_step(loss_fn, tx, state_shardings, mesh, seed, compiler_options=N
     with jax.sharding.use_abstract_mesh(mesh.abstract_mesh), nn.logical_axis_rules(
         partitioning.LOGICAL_AXIS_RULES):
       (loss, (metrics, batch_stats)), grads = grad_fn(state.params, state.batch_stats, batch, rngs)
-    finite = jnp.isfinite(loss) & jnp.all(jnp.asarray(
-        [jnp.all(jnp.isfinite(g)) for g in jax.tree_util.tree_leaves(grads)]))
+    # One reduction over the gradients serves the guard, the metric and the clipping: a NaN or
+    # infinity in any gradient makes the norm non-finite.
+    grad_norm = optax.global_norm(grads)
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
 
     def apply_update(operands):
-      grads, params, opt_state, new_batch_stats, _ = operands
-      updates, opt_state = tx.update(grads, opt_state, params)
+      grads, grad_norm, params, opt_state, new_batch_stats, _ = operands
+      updates, opt_state = tx.update(grads, opt_state, params, grad_norm=grad_norm)
       return optax.apply_updates(params, updates), opt_state, new_batch_stats
 
     def skip_update(operands):
-      _, params, opt_state, _, old_batch_stats = operands
+      _, _, params, opt_state, _, old_batch_stats = operands
       return params, opt_state, old_batch_stats
 
     params, opt_state, batch_stats = jax.lax.cond(
         finite, apply_update, skip_update,
-        (grads, state.params, state.opt_state, batch_stats, state.batch_stats))
+        (grads, grad_norm, state.params, state.opt_state, batch_stats, state.batch_stats))
     new_state = state.replace(
         step=state.step + 1, params=params, opt_state=opt_state, batch_stats=batch_stats,
         skipped_updates=state.skipped_updates + (~finite).astype(jnp.int32))
-    metrics = dict(metrics, loss=loss, finite=finite, grad_norm=optax.global_norm(grads))
+    metrics = dict(metrics, loss=loss, finite=finite, grad_norm=grad_norm)
     return new_state, metrics
 
   return jax.jit(step, in_shardings=(state_shardings, batch_sharding(mesh)),

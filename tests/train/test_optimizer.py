@@ -59,3 +59,30 @@ def test_adamw_matches_optax_reference():
   ours, _ = tx.update(grads, tx.init(params), params)
   theirs, _ = ref.update(grads, ref.init(params), params)
   np.testing.assert_allclose(ours["w"]["kernel"], theirs["w"]["kernel"], rtol=1e-6, atol=1e-9)
+
+
+def test_clipping_matches_optax_and_reuses_a_given_norm():
+  grads = {"a": jnp.asarray([3.0, -4.0]), "b": {"c": jnp.asarray([[12.0]])}}  # global norm 13
+  want, _ = optax.clip_by_global_norm(1.0).update(grads, optax.EmptyState())
+  clip = optimizer.clip_by_global_norm(1.0)
+  computed, _ = clip.update(grads, clip.init(grads))
+  given, _ = clip.update(grads, clip.init(grads), grad_norm=jnp.float32(13.0))
+  for ours in (computed, given):
+    for a, b in zip(jax.tree_util.tree_leaves(ours), jax.tree_util.tree_leaves(want)):
+      np.testing.assert_allclose(a, b, rtol=1e-6)
+  # The given norm is the one used (a stale or wrong norm would show here), and small norms pass.
+  halved, _ = clip.update(grads, clip.init(grads), grad_norm=jnp.float32(26.0))
+  np.testing.assert_allclose(halved["a"], [3.0 / 26.0, -4.0 / 26.0], rtol=1e-6)
+  small = jax.tree_util.tree_map(lambda g: g / 100.0, grads)
+  unchanged, _ = clip.update(small, clip.init(small))
+  np.testing.assert_allclose(unchanged["b"]["c"], [[0.12]], rtol=1e-6)
+
+
+def test_chained_optimizer_passes_the_norm_to_clipping():
+  params = {"w": jnp.asarray([1.0, 2.0])}
+  grads = {"w": jnp.asarray([30.0, -40.0])}  # norm 50: clipped to 1
+  tx, _ = optimizer.make_optimizer(_cfg(schedule="constant", grad_clip_norm=1.0, weight_decay=0.0), 1)
+  ref = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(1e-3, weight_decay=0.0))
+  want, _ = ref.update(grads, ref.init(params), params)
+  got, _ = tx.update(grads, tx.init(params), params, grad_norm=optax.global_norm(grads))
+  np.testing.assert_allclose(got["w"], want["w"], rtol=1e-6)
