@@ -155,13 +155,16 @@ def make_train_step(loss_fn, tx, state_shardings, mesh, seed, compiler_options=N
         partitioning.LOGICAL_AXIS_RULES):
       (loss, (metrics, batch_stats)), grads = grad_fn(state.params, state.batch_stats, batch, rngs)
     # One reduction over the gradients serves the guard, the metric and the clipping: a NaN or
-    # infinity in any gradient makes the norm non-finite.
+    # infinity in any gradient (or a norm beyond float32's range) makes the norm non-finite.
     grad_norm = optax.global_norm(grads)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
 
     def apply_update(operands):
       grads, grad_norm, params, opt_state, new_batch_stats, _ = operands
-      updates, opt_state = tx.update(grads, opt_state, params, grad_norm=grad_norm)
+      # optimizer.clip_by_global_norm reuses grad_norm; transformations without extra arguments
+      # ignore it.
+      updates, opt_state = optax.with_extra_args_support(tx).update(
+          grads, opt_state, params, grad_norm=grad_norm)
       return optax.apply_updates(params, updates), opt_state, new_batch_stats
 
     def skip_update(operands):

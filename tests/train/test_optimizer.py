@@ -86,3 +86,38 @@ def test_chained_optimizer_passes_the_norm_to_clipping():
   want, _ = ref.update(grads, ref.init(params), params)
   got, _ = tx.update(grads, tx.init(params), params, grad_norm=optax.global_norm(grads))
   np.testing.assert_allclose(got["w"], want["w"], rtol=1e-6)
+
+
+def test_train_step_clips_as_optax_and_accepts_transformations_without_extra_args():
+  """The step hands its gradient norm to our clipping; the same step with optax's clipping (which
+  computes the norm itself) and with a bare GradientTransformation gives the same parameters."""
+  from conftest import TinyRegressor  # pylint: disable=g-import-not-at-top
+  from affect_jax.train import trainer  # pylint: disable=g-import-not-at-top
+  mesh = trainer.make_mesh((("data", -1), ("fsdp", 1), ("model", 1)))
+  model = TinyRegressor(4)
+  batch = {"x": jnp.asarray(np.random.default_rng(0).standard_normal((2, 3)) * 50, jnp.float32),
+           "y": jnp.full((2, 2), 30.0, jnp.float32)}
+
+  def loss_fn(params, batch_stats, batch, rngs):
+    del rngs
+    out, mutated = model.apply({"params": params, "batch_stats": batch_stats}, batch["x"],
+                               train=True, mutable=["batch_stats"])
+    return jnp.mean((out - batch["y"]) ** 2), ({}, mutated["batch_stats"])
+
+  def run(tx):
+    state, shardings = trainer.create_train_state(
+        model, tx, dict(x=jax.ShapeDtypeStruct((2, 3), jnp.float32)), jax.random.key(0), mesh)
+    step = trainer.make_train_step(loss_fn, tx, shardings, mesh, seed=0)
+    for _ in range(3):
+      state, metrics = step(state, batch)
+      assert float(metrics["grad_norm"]) > 10.0  # clipping is at work
+    return jax.device_get(state.params)
+
+  ours = run(optax.chain(optimizer.clip_by_global_norm(1.0), optax.sgd(0.1)))
+  theirs = run(optax.chain(optax.clip_by_global_norm(1.0), optax.sgd(0.1)))
+  bare = optax.chain(optimizer.clip_by_global_norm(1.0), optax.sgd(0.1))
+  plain = run(optax.GradientTransformation(bare.init, lambda u, s, p=None: bare.update(u, s, p)))
+  for a, b, c in zip(jax.tree_util.tree_leaves(ours), jax.tree_util.tree_leaves(theirs),
+                     jax.tree_util.tree_leaves(plain)):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(c, b, rtol=1e-5, atol=1e-7)
