@@ -27,10 +27,15 @@ def _forward(x):
   return gelu(x), x
 
 
-def _backward(x, grad_out):
+def normal_cdf_pdf(x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """(x in float32, Φ(x), φ(x)): gelu(x) = x Φ(x) and its derivative Φ(x) + x φ(x)."""
   xf = x.astype(jnp.float32)
   cdf = 0.5 * (1.0 + jax.lax.erf(xf * _INV_SQRT2))
-  pdf = _INV_SQRT_2PI * jnp.exp(-0.5 * xf * xf)
+  return xf, cdf, _INV_SQRT_2PI * jnp.exp(-0.5 * xf * xf)
+
+
+def _backward(x, grad_out):
+  xf, cdf, pdf = normal_cdf_pdf(x)
   return ((grad_out.astype(jnp.float32) * (cdf + xf * pdf)).astype(grad_out.dtype),)
 
 

@@ -33,10 +33,8 @@ from flax.linen import dtypes
 from flax.linen import normalization
 import jax
 import jax.numpy as jnp
-import numpy as np
 
-_INV_SQRT2 = np.float32(1.0 / np.sqrt(2.0))
-_INV_SQRT_2PI = np.float32(1.0 / np.sqrt(2.0 * np.pi))
+from affect_jax.models import gelu
 
 
 def after(x: jax.Array, *values: jax.Array) -> jax.Array:
@@ -68,16 +66,10 @@ def _dense_backward(vjp, grad_out):
 dense.defvjp(_dense_forward, _dense_backward)
 
 
-def _gelu_parts(x):
-  xf = x.astype(jnp.float32)
-  cdf = 0.5 * (1.0 + jax.lax.erf(xf * _INV_SQRT2))
-  return xf, cdf, _INV_SQRT_2PI * jnp.exp(-0.5 * xf * xf)
-
-
 @jax.custom_vjp
 def gelu_dense(x: jax.Array, kernel: jax.Array, bias: jax.Array) -> jax.Array:
   """``gelu(x) @ kernel + bias`` with the exact (erf) GELU."""
-  return _affine(jax.nn.gelu(x, approximate=False), kernel, bias)
+  return _affine(gelu.gelu(x), kernel, bias)
 
 
 def _gelu_dense_forward(x, kernel, bias):
@@ -86,7 +78,7 @@ def _gelu_dense_forward(x, kernel, bias):
 
 def _gelu_dense_backward(residuals, grad_out):
   x, kernel = residuals
-  xf, cdf, pdf = _gelu_parts(x)
+  xf, cdf, pdf = gelu.normal_cdf_pdf(x)
   activation = (xf * cdf).astype(x.dtype)
   # The weight gradient as one 2-D matmul: contracting two batch dimensions at once runs far
   # slower on XLA CPU.

@@ -80,11 +80,15 @@ def test_clipping_matches_optax_and_reuses_a_given_norm():
 
 def test_chained_optimizer_passes_the_norm_to_clipping():
   params = {"w": jnp.asarray([1.0, 2.0])}
-  grads = {"w": jnp.asarray([30.0, -40.0])}  # norm 50: clipped to 1
+  # Norm 50 (clipped to 1), then norm 0.5 (kept): Adam's second update depends on the clipping
+  # of the first (its first update alone is the gradient's sign, whatever the scale).
+  steps = [{"w": jnp.asarray([30.0, -40.0])}, {"w": jnp.asarray([-0.4, 0.3])}]
   tx, _ = optimizer.make_optimizer(_cfg(schedule="constant", grad_clip_norm=1.0, weight_decay=0.0), 1)
   ref = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(1e-3, weight_decay=0.0))
-  want, _ = ref.update(grads, ref.init(params), params)
-  got, _ = tx.update(grads, tx.init(params), params, grad_norm=optax.global_norm(grads))
+  ref_state, state = ref.init(params), tx.init(params)
+  for grads in steps:
+    want, ref_state = ref.update(grads, ref_state, params)
+    got, state = tx.update(grads, state, params, grad_norm=optax.global_norm(grads))
   np.testing.assert_allclose(got["w"], want["w"], rtol=1e-6)
 
 
