@@ -32,12 +32,15 @@ from affect_jax.train import trainer
 
 MODEL_KEYS = ("features", "frame_mask", "va", "va_valid", "expr", "expr_valid", "au", "au_valid")
 
-# XLA's CPU backend hands matmuls and convolutions to YNNPACK by default. For this model's training
-# step Eigen is faster: paper preset (32 x 300 x 768) 1.16x in an A/B of the same step in one
-# process (6 rounds, 1.09-1.21), the tiny preset equal (0.995x); the MAE steps are slower with
-# Eigen (0.85x, experiments/bench flag_sweep), so it is chosen for this compiled step only, not
-# process-wide through XLA_FLAGS (experiments/bench/RESULTS.md).
-CPU_COMPILER_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": ""}
+# XLA's CPU backend hands matmuls, convolutions and reductions to YNNPACK by default. For this
+# model's training step, matmuls and convolutions on Eigen with reductions on YNNPACK are fastest:
+# against Eigen for everything (the option before, itself 1.16x XLA's default on an Intel Xeon),
+# 1.14x on the paper preset (32 x 300 x 768) and 1.05x on the tiny preset, A/Bs of the same step
+# in one process on an AMD EPYC (experiments/bench/RESULTS.md). XLA's own reductions, which Eigen
+# alone leaves, are slow tree reductions (reduce-window) on CPU. The MAE steps stay on XLA's
+# default (all YNNPACK), so the option is set for this compiled step only, not process-wide
+# through XLA_FLAGS.
+CPU_COMPILER_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_REDUCE"}
 
 
 def compiler_options():

@@ -1,5 +1,9 @@
 """ViT encoder: parameter counts of the standard sizes, the sin-cos table, timm parity."""
 
+import os
+import subprocess
+import sys
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -117,23 +121,61 @@ def test_matches_timm_vision_transformer():
   np.testing.assert_allclose(out['patches'], expected[:, 1:], atol=1e-5)
 
 
-def test_dropout_keep_mask_is_bernoulli_with_independent_halves():
-  # Each 32-bit word serves two neighbouring elements: check the rate, the independence of the
-  # two halves, determinism in the key, and the odd-length fallback.
+def test_dropout_keep_mask_is_bernoulli_and_uncorrelated():
+  # The mask hashes each element's index with two words drawn from the key: check the rate,
+  # that neighbours along every axis and masks from split keys are uncorrelated, determinism in
+  # the key, odd shapes and keep = 1.
   keep = 0.7
-  mask = np.asarray(vit.keep_mask(jax.random.key(0), keep, (64, 300, 300)))
-  n = mask.size
-  assert abs(mask.mean() - keep) < 5 * np.sqrt(keep * (1 - keep) / n)
-  lo, hi = mask[..., 0::2].ravel().astype(float), mask[..., 1::2].ravel().astype(float)
-  assert abs(np.corrcoef(lo, hi)[0, 1]) < 5 / np.sqrt(lo.size)
-  assert abs(np.corrcoef(mask[:, :-1].ravel(), mask[:, 1:].ravel())[0, 1]) < 5 / np.sqrt(lo.size)
-  again = np.asarray(vit.keep_mask(jax.random.key(0), keep, (64, 300, 300)))
+  shape = (64, 4, 300, 300)
+  mask = np.asarray(vit.keep_mask(jax.random.key(0), keep, shape))
+  tolerance = lambda n: 5 * np.sqrt(keep * (1 - keep) / n)
+  assert abs(mask.mean() - keep) < tolerance(mask.size)
+  for axis in range(4):
+    head = np.take(mask, range(shape[axis] - 1), axis=axis).ravel().astype(float)
+    tail = np.take(mask, range(1, shape[axis]), axis=axis).ravel().astype(float)
+    assert abs(np.corrcoef(head, tail)[0, 1]) < 5 / np.sqrt(head.size), axis
+  # Each row's rate: a hash with a weak bit would give rows of the wrong rate.
+  rows = mask.reshape(-1, 300).mean(axis=1)
+  assert abs(rows.std() - np.sqrt(keep * (1 - keep) / 300)) < 0.05 * np.sqrt(keep * (1 - keep) / 300)
+  again = np.asarray(vit.keep_mask(jax.random.key(0), keep, shape))
   np.testing.assert_array_equal(mask, again)
-  assert (mask != np.asarray(vit.keep_mask(jax.random.key(1), keep, (64, 300, 300)))).mean() > 0.3
+  first, second = jax.random.split(jax.random.key(1))
+  a = np.asarray(vit.keep_mask(first, keep, shape)).ravel().astype(float)
+  b = np.asarray(vit.keep_mask(second, keep, shape)).ravel().astype(float)
+  assert abs(np.corrcoef(a, b)[0, 1]) < 5 / np.sqrt(a.size)
+  assert abs(np.corrcoef(a, mask.ravel().astype(float))[0, 1]) < 5 / np.sqrt(a.size)
   odd = np.asarray(vit.keep_mask(jax.random.key(0), keep, (1000, 301)))
   assert odd.shape == (1000, 301)
-  assert abs(odd.mean() - keep) < 5 * np.sqrt(keep * (1 - keep) / odd.size)
+  assert abs(odd.mean() - keep) < tolerance(odd.size)
+  for rate in (0.1, 0.5, 0.9):
+    small = np.asarray(vit.keep_mask(jax.random.key(2), rate, (2000, 1000)))
+    assert abs(small.mean() - rate) < 5 * np.sqrt(rate * (1 - rate) / small.size), rate
   assert np.asarray(vit.keep_mask(jax.random.key(0), 1.0, (8, 4))).all()
+
+
+_SHARDED_MASK = """
+import jax, numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from affect_jax.models import vit
+mesh = Mesh(np.array(jax.devices()).reshape(2, 4), ('data', 'model'))
+key = jax.random.key(3)
+full = np.asarray(vit.keep_mask(key, 0.6, (16, 8, 30)))
+for spec in (P('data'), P(None, 'model'), P('data', 'model'), P(('data', 'model'))):
+  sharded = jax.jit(lambda k: vit.keep_mask(k, 0.6, (16, 8, 30)), out_shardings=NamedSharding(mesh, spec))(key)
+  assert len(sharded.sharding.device_set) == 8
+  np.testing.assert_array_equal(np.asarray(sharded), full)
+print('SAME')
+"""
+
+
+def test_dropout_keep_mask_is_the_same_under_sharding():
+  # The mask is a function of the key and each element's global position: computed sharded over
+  # 8 faked CPU devices it equals the one-device mask.
+  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=8', JAX_PLATFORMS='cpu')
+  result = subprocess.run([sys.executable, '-c', _SHARDED_MASK], env=env, capture_output=True, text=True,
+                          cwd=os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
+                          check=False)
+  assert result.returncode == 0 and 'SAME' in result.stdout, result.stderr[-2000:]
 
 
 def test_dropout_scales_kept_values_and_is_identity_when_deterministic():
