@@ -35,8 +35,9 @@ MODEL_KEYS = ("features", "frame_mask", "va", "va_valid", "expr", "expr_valid", 
 # XLA's CPU backend hands matmuls, convolutions and reductions to YNNPACK by default. For this
 # model's training step, matmuls and convolutions on Eigen with reductions on YNNPACK are fastest:
 # against Eigen for everything (the option before, itself 1.16x XLA's default on an Intel Xeon),
-# 1.14x on the paper preset (32 x 300 x 768) and 1.05x on the tiny preset, A/Bs of the same step
-# in one process on an AMD EPYC (experiments/bench/RESULTS.md). XLA's own reductions, which Eigen
+# 1.14x on the paper preset (32 x 300 x 768) and 1.06x on the tiny preset (against XLA's default
+# 1.08x and 1.04x), A/Bs of the same step in one process on an AMD EPYC
+# (experiments/bench/RESULTS.md). XLA's own reductions, which Eigen
 # alone leaves, are slow tree reductions (reduce-window) on CPU. The MAE steps stay on XLA's
 # default (all YNNPACK), so the option is set for this compiled step only, not process-wide
 # through XLA_FLAGS.
