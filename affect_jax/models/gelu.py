@@ -17,14 +17,24 @@ _INV_SQRT2 = np.float32(1.0 / np.sqrt(2.0))
 _INV_SQRT_2PI = np.float32(1.0 / np.sqrt(2.0 * np.pi))
 
 
+def _value(x: jax.Array) -> jax.Array:
+  xf = x.astype(jnp.float32)
+  return (0.5 * xf * (1.0 + jax.lax.erf(xf * _INV_SQRT2))).astype(x.dtype)
+
+
 @jax.custom_vjp
 def gelu(x: jax.Array) -> jax.Array:
-  """x Φ(x), Φ the standard normal CDF (timm's nn.GELU(), HF's "gelu")."""
-  return jax.nn.gelu(x, approximate=False)
+  """x Φ(x), Φ the standard normal CDF (timm's nn.GELU(), HF's "gelu"), as ``x (1 + erf(x/√2)) / 2``.
+
+  jax.nn.gelu's exact form goes through ``erfc``, which XLA CPU expands with an exponential:
+  over ViT-B/16's MLP hidden layer at batch 8 ([8, 197, 3072] float32) 2.18 ms against 0.87 ms
+  with ``erf``; the two differ by at most 1e-6 (experiments/bench/RESULTS.md).
+  """
+  return _value(x)
 
 
 def _forward(x):
-  return gelu(x), x
+  return _value(x), x
 
 
 def normal_cdf_pdf(x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
