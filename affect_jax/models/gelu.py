@@ -22,19 +22,31 @@ def _value(x: jax.Array) -> jax.Array:
   return (0.5 * xf * (1.0 + jax.lax.erf(xf * _INV_SQRT2))).astype(x.dtype)
 
 
+def training_value(x: jax.Array) -> jax.Array:
+  """gelu(x) as the forward pass of a differentiated step computes it: jax.nn's ``erfc`` form.
+
+  The backward pass recomputes Φ(x) with ``erf``; were the forward pass's value written with the
+  same ``erf`` expression, XLA would merge the two and keep Φ(x) alive from the forward to the
+  backward pass: the MAE ViT-B/16 step's compiled temporaries rose 647 → 728 MiB that way.
+  """
+  return jax.nn.gelu(x, approximate=False)
+
+
 @jax.custom_vjp
 def gelu(x: jax.Array) -> jax.Array:
-  """x Φ(x), Φ the standard normal CDF (timm's nn.GELU(), HF's "gelu"), as ``x (1 + erf(x/√2)) / 2``.
+  """x Φ(x), Φ the standard normal CDF (timm's nn.GELU(), HF's "gelu").
 
-  jax.nn.gelu's exact form goes through ``erfc``, which XLA CPU expands with an exponential:
-  over ViT-B/16's MLP hidden layer at batch 8 ([8, 197, 3072] float32) 2.18 ms against 0.87 ms
-  with ``erf``; the two differ by at most 1e-6 (experiments/bench/RESULTS.md).
+  Not differentiated (inference, extraction, ``predict``) it is ``x (1 + erf(x/√2)) / 2``:
+  jax.nn.gelu's exact form goes through ``erfc``, which XLA CPU expands with an exponential; over
+  ViT-B/16's MLP hidden layer at batch 8 ([8, 197, 3072] float32) 2.18 ms against 0.87 ms with
+  ``erf``. The two differ by at most 1e-6 (experiments/bench/RESULTS.md). Differentiated, the
+  forward pass uses :func:`training_value`.
   """
   return _value(x)
 
 
 def _forward(x):
-  return _value(x), x
+  return training_value(x), x
 
 
 def normal_cdf_pdf(x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:

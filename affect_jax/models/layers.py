@@ -73,7 +73,7 @@ def gelu_dense(x: jax.Array, kernel: jax.Array, bias: jax.Array) -> jax.Array:
 
 
 def _gelu_dense_forward(x, kernel, bias):
-  return gelu_dense(x, kernel, bias), (x, kernel)
+  return _affine(gelu.training_value(x), kernel, bias), (x, kernel)
 
 
 def _gelu_dense_backward(residuals, grad_out):
