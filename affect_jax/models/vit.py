@@ -141,7 +141,7 @@ class DropPath(nn.Module):
 
 
 def _mix32(x: jax.Array) -> jax.Array:
-  """A bijection of uint32 that mixes every input bit into every output bit (C. Wellons' lowbias32)."""
+  """A bijection of uint32 mixing every input bit into every output bit (C. Wellons' lowbias32)."""
   x = x ^ (x >> 16)
   x = x * jnp.uint32(0x7FEB352D)
   x = x ^ (x >> 15)
