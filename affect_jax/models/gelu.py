@@ -18,8 +18,8 @@ _INV_SQRT_2PI = np.float32(1.0 / np.sqrt(2.0 * np.pi))
 
 
 def _value(x: jax.Array) -> jax.Array:
-  xf = x.astype(jnp.float32)
-  return (0.5 * xf * (1.0 + jax.lax.erf(xf * _INV_SQRT2))).astype(x.dtype)
+  xf, cdf, _ = normal_cdf_pdf(x)
+  return (xf * cdf).astype(x.dtype)
 
 
 def training_value(x: jax.Array) -> jax.Array:

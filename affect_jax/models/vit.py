@@ -153,15 +153,15 @@ def keep_mask(rng: jax.Array, keep: float, shape: tuple[int, ...]) -> jax.Array:
   """Bernoulli(keep) booleans of ``shape``: a counter-based hash of each element's index.
 
   Threefry, which ``jax.random`` runs for every element (or every second one with 16-bit halves),
-  was about 850 ms of the 3.8 s of XLA thunk time in the paper-preset temporal training step on
-  CPU (its attention weights alone are B x heads x T x T per layer). One layer's attention
-  weights, 11.5 M elements, dropout included: 61 ms with 16-bit threefry halves, 17 ms here. Two
-  32-bit words drawn from ``rng`` with ``jax.random.bits`` seed a hash of the element's position
-  in ``shape`` (row-major index ``i``): ``word = mix(mix(i ^ seed0) + seed1)``, kept when ``word <
-  keep * 2^32``. ``mix`` is a bijection, so within one mask no two elements share a word; like
-  JAX's partitionable threefry, the mask depends only on the key and the element's global
-  position, so it is the same under any sharding. Arrays of 2^32 elements or more fall
-  back to ``jax.random.bernoulli``.
+  was most of the 847 ms of add and concatenate fusions among the 3.8 s of XLA thunk time in the
+  paper-preset temporal training step on CPU (its attention weights alone are B x heads x T x T
+  per layer). One layer's attention weights, 11.5 M elements, dropout included: 61 ms with 16-bit
+  threefry halves, 17 ms here. Two 32-bit words drawn from ``rng`` with ``jax.random.bits`` seed a
+  hash of the element's position in ``shape`` (row-major index ``i``): ``word = mix(mix(i ^ seed0)
+  + seed1)``, kept when ``word < keep * 2^32``. ``mix`` is a bijection, so within one mask no two
+  elements share a word; like JAX's partitionable threefry, the mask depends only on the key and
+  the element's global position, so it is the same under any sharding. Arrays of 2^32 elements or
+  more fall back to ``jax.random.bernoulli``.
   """
   size = int(np.prod(shape, dtype=np.int64))
   if keep >= 1.0:
