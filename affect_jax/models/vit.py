@@ -209,17 +209,23 @@ class Attention(nn.Module):
   dtype: Dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, x: jax.Array, train: bool, key_mask: jax.Array | None = None) -> jax.Array:
+  def __call__(self, x: jax.Array, train: bool, key_mask: jax.Array | None = None,
+               norm: layers.LayerNorm | None = None) -> jax.Array:
+    """``norm``: the pre-norm block's LayerNorm, applied to ``x`` fused with the q, k and v
+    projections (``layers.norm_dense``: its output is recomputed in the backward pass)."""
     batch, length, width = x.shape
     if width % self.num_heads:
       raise ValueError(f'width {width} is not divisible by num_heads {self.num_heads}')
     head_dim = width // self.num_heads
-
-    def heads(name: str) -> jax.Array:
-      y = dense(width, (P.EMBED, P.HEADS), self.dtype, name)(x)
-      return y.reshape(batch, length, self.num_heads, head_dim)
-
-    query, key, value = heads('query'), heads('key'), heads('value')
+    names = ('query', 'key', 'value')
+    if norm is None:
+      projected = [dense(width, (P.EMBED, P.HEADS), self.dtype, name)(x) for name in names]
+    else:
+      scale, bias = norm(x, return_parameters=True)
+      kernels, biases = zip(*(dense(width, (P.EMBED, P.HEADS), self.dtype, name)(x, return_parameters=True)
+                              for name in names))
+      projected = layers.norm_dense(norm.epsilon, norm.dtype, x, scale, bias, kernels, biases)
+    query, key, value = (y.reshape(batch, length, self.num_heads, head_dim) for y in projected)
     mask = None if key_mask is None else key_mask[:, None, None, :].astype(bool)
     if train and self.attention_dropout > 0.0:
       logits = jnp.einsum('bqhd,bkhd->bhqk', query, key).astype(jnp.float32) / np.sqrt(head_dim)
@@ -244,10 +250,23 @@ class Mlp(nn.Module):
   dtype: Dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+  def __call__(self, x: jax.Array, train: bool, norm: layers.LayerNorm | None = None) -> jax.Array:
+    """``norm``: the pre-norm block's LayerNorm, applied to ``x`` first; with the GELU and no
+    dropout it is fused with the whole MLP (``layers.norm_mlp``)."""
     width = x.shape[-1]
+    fused = self.activation == 'gelu' and not (train and self.dropout > 0.0)
+    if norm is not None and fused:
+      scale, bias = norm(x, return_parameters=True)
+      fc1 = dense(self.hidden_dim, (P.EMBED, P.MLP), self.dtype, 'fc1')
+      kernel1, bias1 = fc1(x, return_parameters=True)
+      fc2 = dense(width, (P.MLP, P.EMBED), self.dtype, 'fc2', input_activation='gelu')
+      kernel2, bias2 = fc2(jnp.zeros((1, self.hidden_dim), x.dtype), return_parameters=True)
+      y = layers.norm_mlp(norm.epsilon, norm.dtype, x, scale, bias, kernel1, bias1, kernel2, bias2)
+      return Dropout(self.dropout)(y, deterministic=not train)
+    if norm is not None:
+      x = norm(x)
     y = dense(self.hidden_dim, (P.EMBED, P.MLP), self.dtype, 'fc1')(x)
-    if self.activation == 'gelu' and not (train and self.dropout > 0.0):
+    if fused:
       # GELU inside fc2: its backward pass recomputes gelu(y) instead of keeping it.
       y = dense(width, (P.MLP, P.EMBED), self.dtype, 'fc2', input_activation='gelu')(y)
       return Dropout(self.dropout)(y, deterministic=not train)
@@ -270,12 +289,13 @@ class Block(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool, key_mask: jax.Array | None = None) -> jax.Array:
-    y = layer_norm(self.layer_norm_eps, self.dtype, 'norm1')(x)
+    # Each LayerNorm is fused into the layers that read it (layers.norm_dense / norm_mlp).
+    norm1 = layer_norm(self.layer_norm_eps, self.dtype, 'norm1')
     y = Attention(self.num_heads, self.dropout, self.attention_dropout, self.dtype, name='attn')(
-        y, train, key_mask)
+        x, train, key_mask, norm=norm1)
     x = x + DropPath(self.drop_path, name='drop_path1')(y, train)
-    y = layer_norm(self.layer_norm_eps, self.dtype, 'norm2')(x)
-    y = Mlp(self.mlp_dim, self.dropout, 'gelu', self.dtype, name='mlp')(y, train)
+    norm2 = layer_norm(self.layer_norm_eps, self.dtype, 'norm2')
+    y = Mlp(self.mlp_dim, self.dropout, 'gelu', self.dtype, name='mlp')(x, train, norm=norm2)
     x = x + DropPath(self.drop_path, name='drop_path2')(y, train)
     return constrain_tokens(x)
 

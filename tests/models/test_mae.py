@@ -164,8 +164,9 @@ def test_encoder_remat_also_rematerialises_the_decoder_blocks():
       np.testing.assert_allclose(g, r, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize('norm_pix_loss', [False, True])
-def test_matches_hugging_face_vit_mae(norm_pix_loss):
+def _hugging_face_reference(norm_pix_loss):
+  """(torch, HF ViTMAEForPreTraining with O(1) random weights, our model, its params, pixels,
+  noise): a 2 + 2 block MAE at 32x32 in patches of 8."""
   torch = pytest.importorskip('torch')
   pytest.importorskip('transformers')
   from transformers import ViTMAEConfig
@@ -200,6 +201,12 @@ def test_matches_hugging_face_vit_mae(norm_pix_loss):
   rng = np.random.default_rng(0)
   pixels = rng.normal(size=(3, 3, 32, 32)).astype(np.float32)
   noise = rng.uniform(size=(3, 16)).astype(np.float32)
+  return torch, reference, model, params, pixels, noise
+
+
+@pytest.mark.parametrize('norm_pix_loss', [False, True])
+def test_matches_hugging_face_vit_mae(norm_pix_loss):
+  torch, reference, model, params, pixels, noise = _hugging_face_reference(norm_pix_loss)
   with torch.no_grad():
     expected = reference(pixel_values=torch.from_numpy(pixels), noise=torch.from_numpy(noise))
   out = jax.jit(model.apply)({'params': params}, jnp.asarray(pixels.transpose(0, 2, 3, 1)),
@@ -208,3 +215,24 @@ def test_matches_hugging_face_vit_mae(norm_pix_loss):
   np.testing.assert_array_equal(out['ids_restore'], expected.ids_restore.numpy())
   np.testing.assert_allclose(out['pred'], expected.logits.numpy(), atol=1e-5)
   np.testing.assert_allclose(out['loss'], expected.loss.numpy(), rtol=1e-5)
+
+
+def test_gradients_match_hugging_face_vit_mae():
+  """Every parameter's gradient of the loss against PyTorch autograd through HF's ViTMAE (our
+  blocks differentiate through custom backward passes: fused LayerNorms, recomputed attention
+  weights and GELU)."""
+  torch, reference, model, params, pixels, noise = _hugging_face_reference(norm_pix_loss=True)
+  loss = reference(pixel_values=torch.from_numpy(pixels), noise=torch.from_numpy(noise)).loss
+  loss.backward()
+  grads_sd = {name: (p.grad if p.grad is not None else torch.zeros_like(p)).numpy()
+              for name, p in reference.named_parameters()}
+  expected = mae.params_from_hf_vit_mae(grads_sd)
+  images = jnp.asarray(pixels.transpose(0, 2, 3, 1))
+  ours = jax.jit(jax.grad(lambda p: model.apply({'params': p}, images, noise=jnp.asarray(noise))['loss']))(nn.unbox(params))
+  expected_leaves = jax.tree_util.tree_leaves_with_path(expected)
+  ours_by_path = dict(jax.tree_util.tree_leaves_with_path(ours))
+  assert len(expected_leaves) == len(ours_by_path) > 30
+  for path, value in expected_leaves:
+    scale = max(float(np.abs(value).max()), 1e-2)  # key biases: zero up to rounding (softmax)
+    np.testing.assert_allclose(ours_by_path[path], value, atol=2e-5 * scale, rtol=1e-4,
+                               err_msg=jax.tree_util.keystr(path))
