@@ -155,7 +155,6 @@ def _layer_norm_backward(epsilon, dtype, vjp, grad_out):
 layer_norm.defvjp(_layer_norm_forward, _layer_norm_backward)
 
 
-
 # --- a LayerNorm fused into the layers that read its output ---------------------------------------
 #
 # A pre-norm transformer block normalises its residual stream and hands the result to matmuls

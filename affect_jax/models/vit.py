@@ -260,6 +260,7 @@ class Mlp(nn.Module):
       fc1 = dense(self.hidden_dim, (P.EMBED, P.MLP), self.dtype, 'fc1')
       kernel1, bias1 = fc1(x, return_parameters=True)
       fc2 = dense(width, (P.MLP, P.EMBED), self.dtype, 'fc2', input_activation='gelu')
+      # (a placeholder input: it only gives fc2's kernel its shape)
       kernel2, bias2 = fc2(jnp.zeros((1, self.hidden_dim), x.dtype), return_parameters=True)
       y = layers.norm_mlp(norm.epsilon, norm.dtype, x, scale, bias, kernel1, bias1, kernel2, bias2)
       return Dropout(self.dropout)(y, deterministic=not train)
