@@ -13,6 +13,7 @@ import jax
 from ml_collections import config_flags
 
 from affect_jax import allocator
+from affect_jax import compilation_cache
 from affect_jax import stages
 from affect_jax.data import datasets
 
@@ -30,6 +31,7 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   allocator.limit_arenas()  # before the data pipelines' threads (affect_jax/allocator.py)
+  compilation_cache.enable()  # before the first compilation (affect_jax/compilation_cache.py)
   if _COORDINATOR.value or _DISTRIBUTED.value:
     jax.distributed.initialize(
         coordinator_address=_COORDINATOR.value, num_processes=_NUM_PROCESSES.value,

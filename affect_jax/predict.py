@@ -40,6 +40,7 @@ import numpy as np
 from PIL import Image
 
 from affect_jax import allocator
+from affect_jax import compilation_cache
 from affect_jax import evaluation
 from affect_jax import predict_faces
 from affect_jax import stages
@@ -490,6 +491,7 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   allocator.limit_arenas()  # before the data pipelines' threads (affect_jax/allocator.py)
+  compilation_cache.enable()  # before the first compilation (affect_jax/compilation_cache.py)
   if not _INPUT.value or not _WORKDIR.value:
     raise app.UsageError("--input and --workdir are required")
   try:

@@ -11,8 +11,8 @@ experiments/bench/pipelines.py writes it), then one epoch of the temporal stage'
 train/temporal.py computes it, each step's metrics fetched before the next batch as the stage's loop
 (trainer.run_loop) does. The epoch is timed after one warm-up step (compilation). Each size
 trains in its own process on a store that another process wrote before (so the writer's buffers
-are not counted); the trainer's peak RSS (VmHWM, whole process, compilation included) is the
-memory, and the writer's peak is reported beside it.
+are not counted); the trainer's peak RSS (VmHWM, whole process, compilation included: every row
+compiles for itself, JAX's compilation cache off) is the memory, and the writer's peak is reported beside it.
 
 Extraction: the extract stage's work (`extract.write_features`: `pipelines.eval_frames_pipeline`
 -> jitted encoder -> each video's record streamed into the feature store) with the tiny preset's
@@ -160,8 +160,11 @@ def child(spec):
 
 def run_child(spec):
   args = [a for a in sys.argv[1:] if not a.startswith("--growth_child")]
+  # Every row compiles its programs itself (JAX's compilation cache off), so that the rows differ
+  # only in the data: with the cache, the first row would compile and the later ones load.
+  env = dict(os.environ, JAX_ENABLE_COMPILATION_CACHE="false")
   proc = subprocess.run([sys.executable, "-m", "experiments.bench.growth", *args, f"--growth_child={spec}"],
-                        capture_output=True, text=True, timeout=3600,
+                        capture_output=True, text=True, timeout=3600, env=env,
                         cwd=os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
   for line in proc.stdout.splitlines():
     if line.startswith("GROWTH "):

@@ -14,7 +14,10 @@ Peak memory: with `--memory` each contender marked `memory=True` also runs alone
 (`--child=NAME`): built, warmed up (compiled), then the kernel's peak-RSS mark is reset
 (/proc/self/clear_refs) and one more call is made; the peak RSS (VmHWM) of that call is the
 step's peak, including parameters, optimiser state and the library's own footprint. Both
-contenders' children import the same libraries.
+contenders' children import the same libraries. Every process here turns on JAX's persistent
+compilation cache as the package's entry points do (affect_jax/compilation_cache.py), so our child
+loads the step the parent compiled, as every run of a config after the first does; ours is then
+measured once more with the cache off, compiling everything itself (a first run).
 
 Each figure appends a markdown section to experiments/bench/RESULTS.md (date, jax/torch
 versions, CPU model, cores, load, XLA_FLAGS, PRNG implementation, the exact command) and writes a
@@ -44,10 +47,14 @@ import jax
 import numpy as np
 
 from affect_jax import allocator
+from affect_jax import compilation_cache
 
 # Every figure's process (children included) runs with the allocator setting the package's entry
 # points make (affect_jax.main, affect_jax.predict): glibc malloc arenas capped.
 allocator.limit_arenas()
+# ... and with the compilation cache they turn on (affect_jax/compilation_cache.py): the parent's
+# warm-up compiles each step and stores it, so a memory child loads it as a second run would.
+compilation_cache.enable()
 
 QUICK = flags.DEFINE_bool("quick", False, "Few rounds at small sizes: a sanity run, not a figure.")
 ROUNDS = flags.DEFINE_integer("rounds", None, "Timed rounds (default: the figure's; --quick: 2).")
@@ -162,7 +169,19 @@ def _status_kib(field):
 
 
 def child_peak(contender, warmup=2, calls=1):
-  """Runs in the child: peak RSS (MiB) of `calls` calls after warm-up, and the resting RSS."""
+  """Runs in the child: peak RSS (MiB) of `calls` calls after warm-up, and the resting RSS.
+
+  Also counts the programs JAX loaded from its persistent compilation cache (`cache_hits`) and
+  those it looked up there and compiled (`cache_misses`).
+  """
+  events = {"/jax/compilation_cache/cache_hits": 0, "/jax/compilation_cache/cache_misses": 0}
+
+  def count(event, **kwargs):
+    del kwargs
+    if event in events:
+      events[event] += 1
+
+  jax.monitoring.register_event_listener(count)
   call = contender.make()
   for _ in range(warmup):
     call()
@@ -175,15 +194,24 @@ def child_peak(contender, warmup=2, calls=1):
     call()
   peak = _status_kib("VmHWM")
   return {"name": contender.name, "peak_mib": peak / 1024, "resting_mib": resting / 1024,
-          "step_extra_mib": (peak - resting) / 1024}
+          "step_extra_mib": (peak - resting) / 1024,
+          "cache_hits": events["/jax/compilation_cache/cache_hits"],
+          "cache_misses": events["/jax/compilation_cache/cache_misses"]}
 
 
-def measure_memory(contender):
-  """Starts this figure's module again with --child=NAME; returns its JSON answer (or an error)."""
+def measure_memory(contender, compilation_cache_on=True):
+  """Starts this figure's module again with --child=NAME; returns its JSON answer (or an error).
+
+  compilation_cache_on=False: the child runs with JAX_ENABLE_COMPILATION_CACHE=false, so it
+  compiles everything itself, as the first run of a config on a machine does.
+  """
   module = sys.modules["__main__"].__spec__.name
   args = [a for a in sys.argv[1:] if not a.startswith(("--child", "--memory", "--nomemory"))]
+  env = dict(os.environ)
+  if not compilation_cache_on:
+    env["JAX_ENABLE_COMPILATION_CACHE"] = "false"
   proc = subprocess.run([sys.executable, "-m", module, *args, f"--child={contender.name}"],
-                        capture_output=True, text=True, timeout=1800,
+                        capture_output=True, text=True, timeout=1800, env=env,
                         cwd=os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
   for line in proc.stdout.splitlines():
     if line.startswith("PEAK "):
@@ -252,6 +280,10 @@ def compare(figure, title, contenders, *, rounds, warmup, setting, notes=(), ext
       if c.memory:
         memory[c.name] = measure_memory(c)
         print(f"memory {c.name}: {memory[c.name]}", flush=True)
+    if contenders[0].memory:  # ours once more, compiling its step itself (a first run)
+      cold = measure_memory(contenders[0], compilation_cache_on=False)
+      memory[contenders[0].name]["compiled_here"] = cold
+      print(f"memory {contenders[0].name}, cache off: {cold}", flush=True)
 
   ours = contenders[0]
   rows, summary_rows = [], []
@@ -274,6 +306,12 @@ def compare(figure, title, contenders, *, rounds, warmup, setting, notes=(), ext
         f"**{np.median(ratios):.2f}** ({min(ratios):.2f}–{max(ratios):.2f}){' by GFLOP/s' if by_gflop else ''}")
     if "peak_mib" in mem:
       mem_text = f"{mem['peak_mib']:.0f} (step +{mem['step_extra_mib']:.0f})"
+      if "cache_hits" in mem and i == 0:
+        mem_text += f", {mem['cache_hits']} program(s) from the compilation cache"
+      cold = mem.get("compiled_here", {})
+      if "peak_mib" in cold:
+        mem_text += (f"; compiling everything itself (cache off, a first run): {cold['peak_mib']:.0f} "
+                     f"(step +{cold['step_extra_mib']:.0f})")
     elif "error" in mem:
       mem_text = "failed"
     else:
