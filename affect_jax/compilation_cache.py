@@ -1,11 +1,13 @@
 """JAX's persistent compilation cache, on by default in a directory kept per machine and jaxlib.
 
-A stage compiles its step again in every process: each restart, resume, fold and `predict` pays
-the compilation (2-3 s for the tiny MAE step on the 2-core VM, tens of seconds for the paper
-models) and keeps the compiler's working set in its resident memory. With the cache, a process
-after the first loads the compiled program instead. On the 2-core VM (AMD EPYC) the tiny MAE
-step's process peaked at 1181 MiB with the program from the cache against 1217-1229 MiB when it
-compiled (`python -m experiments.bench.mae_step`, its memory child; experiments/bench/RESULTS.md).
+A stage compiles its programs again in every process: each restart, resume, fold and `predict`
+pays the compilation and keeps the compiler's code and leftovers in its resident memory. With the
+cache, a process after the first loads the compiled programs instead. On the 2-core VM (AMD EPYC)
+the default main job's second run took 3 min 35 s instead of 3 min 55 s and peaked at 1.30 GiB
+instead of 1.45 GiB, with the same results; the tiny MAE step's process peaked at 1186-1196 MiB
+with its programs from the cache against 1214-1229 MiB when it compiled them
+(`python -m experiments.bench.mae_step`, its memory child; experiments/bench/RESULTS.md, where
+the cost is also measured: a loaded ViT-B/16 MAE step adds ~75 MiB more during the call).
 
 The executables are machine code for the CPU that compiled them, and JAX's cache key on CPU names
 neither the CPU's features nor the jaxlib build, so the directory does:
@@ -16,7 +18,7 @@ there). Nothing is changed when the user has chosen: JAX_COMPILATION_CACHE_DIR (
 Every program is stored, also those that compile in under a second (JAX's default threshold,
 kept when JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS is set): one compilation in a process is enough
 to page in the compiler, so the tiny step's process with only the step from the cache peaked at
-1204 MiB, with every program from it at 1181.
+1204 MiB, with every program from it at 1195 in the same benchmark (PyTorch's 1195).
 
 `affect_jax.main`, `affect_jax.predict` and the benchmarks call `enable()` before compiling.
 """
