@@ -47,7 +47,7 @@ def machine_tag(cpuinfo=None):
         cpuinfo = f.read()
     except OSError:
       cpuinfo = ""
-  described, seen = [platform.machine(), platform.processor()], set()
+  described, seen = [platform.machine()], set()
   for line in cpuinfo.splitlines():
     key = line.split(":", 1)[0].strip()
     if key in _CPU_FIELDS and key not in seen:

@@ -1,8 +1,8 @@
 """Shared fixtures: a tiny in-process training loop, a tiny feature store, and stage subprocesses.
 
 The subprocess helpers run the real command line (`tests/train/fault_hooks.py`, which is
-`affect_jax.main` plus test-only event logging and planned SIGKILLs) with a persistent JAX
-compilation cache shared by the whole session, so that restarts do not recompile.
+`affect_jax.main` plus test-only event logging and planned SIGKILLs) with the stage's own
+compilation cache in a folder shared by the whole session, so that restarts do not recompile.
 """
 
 import json
@@ -182,10 +182,12 @@ def write_tiny_store(workdir, videos=None):
 
 
 def stage_env(cache_dir, events=None, kill=None):
-  env = dict(os.environ)
-  env.update(JAX_COMPILATION_CACHE_DIR=cache_dir, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-             JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0", TF_CPP_MIN_LOG_LEVEL="2",
-             JAX_PLATFORMS="cpu", PYTHONPATH=REPO)
+  # The stage turns on its compilation cache itself (affect_jax/compilation_cache.py); the
+  # session's folder stands in for the user's ~/.cache, and no JAX cache setting is inherited.
+  env = {k: v for k, v in os.environ.items()
+         if k not in ("JAX_COMPILATION_CACHE_DIR", "JAX_ENABLE_COMPILATION_CACHE",
+                      "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS")}
+  env.update(XDG_CACHE_HOME=cache_dir, TF_CPP_MIN_LOG_LEVEL="2", JAX_PLATFORMS="cpu", PYTHONPATH=REPO)
   env.pop("AFFECT_JAX_TEST_EVENTS", None)
   env.pop("AFFECT_JAX_TEST_KILL", None)
   if events:

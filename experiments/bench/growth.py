@@ -12,7 +12,8 @@ train/temporal.py computes it, each step's metrics fetched before the next batch
 (trainer.run_loop) does. The epoch is timed after one warm-up step (compilation). Each size
 trains in its own process on a store that another process wrote before (so the writer's buffers
 are not counted); the trainer's peak RSS (VmHWM, whole process, compilation included: every row
-compiles for itself, JAX's compilation cache off) is the memory, and the writer's peak is reported beside it.
+compiles for itself, JAX's compilation cache off) is the memory, and the writer's peak is reported
+beside it.
 
 Extraction: the extract stage's work (`extract.write_features`: `pipelines.eval_frames_pipeline`
 -> jitted encoder -> each video's record streamed into the feature store) with the tiny preset's
