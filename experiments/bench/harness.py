@@ -17,7 +17,11 @@ step's peak, including parameters, optimiser state and the library's own footpri
 contenders' children import the same libraries. Every process here turns on JAX's persistent
 compilation cache as the package's entry points do (affect_jax/compilation_cache.py), so our child
 loads the step the parent compiled, as every run of a config after the first does; ours is then
-measured once more with the cache off, compiling everything itself (a first run).
+measured once more with the cache off, compiling everything itself (a first run). The children
+are alternated like the timed calls: --memory_rounds rounds of (ours, the others, ours with the
+cache off), each child a fresh process; the figure reports each one's median and, for each other
+contender, the median of the per-round ratios ours / it (one peak varies by tens of MiB from
+process to process on this machine).
 
 Each figure appends a markdown section to experiments/bench/RESULTS.md (date, jax/torch
 versions, CPU model, cores, load, XLA_FLAGS, PRNG implementation, the exact command) and writes a
@@ -65,6 +69,10 @@ SETTLE = flags.DEFINE_float(
     "right after a numpy matmul ran at 171 GFLOP/s, after 0.2 s idle at 235).")
 MEMORY = flags.DEFINE_bool("memory", True, "Also measure each training step's peak RSS in subprocesses.")
 CHILD = flags.DEFINE_string("child", None, "Internal: run only this contender and print its peak memory.")
+MEMORY_ROUNDS = flags.DEFINE_integer(
+    "memory_rounds", 3, "Rounds of memory children, alternated like the timed calls: each round "
+    "starts one child per memory contender, then ours with the compilation cache off "
+    "(default 3; --quick 1).")
 RESULTS_FILE = flags.DEFINE_string(
     "results_file", os.path.join(os.path.dirname(os.path.abspath(__file__)), "RESULTS.md"),
     "Markdown file each figure appends to ('' = print only).")
@@ -150,7 +158,14 @@ def machine_line():
 
 
 def flops(jitted, *args):
-  """GFLOP of one call of a jitted function: XLA's cost analysis of the lowered program."""
+  """GFLOP of one call of a jitted function: XLA's cost analysis of the lowered program.
+
+  None in a memory child (--child): the stages never run a cost analysis, and its conversion of
+  the program to HLO would be counted in the child's memory (tiny MAE step loaded from the
+  compilation cache: peak 1171-1177 MiB without it, 1186-1192 with it, 2 children each).
+  """
+  if CHILD.value:
+    return None
   cost = jitted.lower(*args).cost_analysis()
   if isinstance(cost, (list, tuple)):
     cost = cost[0]
@@ -219,7 +234,60 @@ def measure_memory(contender, compilation_cache_on=True):
   return {"name": contender.name, "error": (proc.stderr or proc.stdout)[-400:]}
 
 
+def median_memory(samples):
+  """One contender's memory children (`measure_memory` answers) as medians, with every sample.
+
+  Children that failed are counted in `failed`; with none measured, the first error is returned.
+  """
+  ok = [m for m in samples if "peak_mib" in m]
+  if not ok:
+    return dict(samples[0], failed=len(samples))
+  out = {"name": ok[0]["name"], "failed": len(samples) - len(ok), "samples": list(samples)}
+  for key in ("peak_mib", "resting_mib", "step_extra_mib"):
+    out[key] = float(np.median([m[key] for m in ok]))
+  for key in ("cache_hits", "cache_misses"):
+    out[key] = [m[key] for m in ok]
+  return out
+
+
+def memory_ratios(ours, other):
+  """Per-round ratios of peak RSS ours / other, from two `median_memory` answers (rounds where
+  either child failed are left out)."""
+  if "samples" not in ours or "samples" not in other:
+    return []
+  return [a["peak_mib"] / b["peak_mib"] for a, b in zip(ours["samples"], other["samples"])
+          if "peak_mib" in a and "peak_mib" in b]
+
+
+def measure_memory_rounds(contenders, rounds):
+  """Peak memory of every contender marked `memory`, alternated: per round one child each, then
+  ours (contender 0) with the cache off. Returns {name: median_memory(...)}; ours carries its
+  cache-off children under "compiled_here"."""
+  mine = [c for c in contenders if c.memory]
+  samples = {c.name: [] for c in mine}
+  cold = []
+  for r in range(rounds):
+    for c in mine:
+      samples[c.name].append(measure_memory(c))
+      print(f"memory round {r + 1}/{rounds} {c.name}: {samples[c.name][-1]}", flush=True)
+    if contenders[0].memory:  # ours once more, compiling its step itself (a first run)
+      cold.append(measure_memory(contenders[0], compilation_cache_on=False))
+      print(f"memory round {r + 1}/{rounds} {contenders[0].name}, cache off: {cold[-1]}", flush=True)
+  memory = {name: median_memory(s) for name, s in samples.items()}
+  if cold:
+    memory[contenders[0].name]["compiled_here"] = median_memory(cold)
+  return memory
+
+
 # --- the comparison --------------------------------------------------------------------------------
+
+
+def _memory_text(mem):
+  peaks = [m["peak_mib"] for m in mem["samples"] if "peak_mib" in m]
+  text = f"{mem['peak_mib']:.0f} ({min(peaks):.0f}–{max(peaks):.0f}; step +{mem['step_extra_mib']:.0f})"
+  if mem["failed"]:
+    text += f", {mem['failed']} child(ren) failed"
+  return text
 
 
 def _rate(contender, seconds, by_gflop):
@@ -275,15 +343,9 @@ def compare(figure, title, contenders, *, rounds, warmup, setting, notes=(), ext
     print(f"round {r + 1}/{rounds}: " + ", ".join(
         f"{c.name} {t:.3f} s" for c, t in zip(contenders, times[r])), flush=True)
   memory = {}
+  memory_rounds = 1 if QUICK.value else MEMORY_ROUNDS.value
   if MEMORY.value:
-    for c in contenders:
-      if c.memory:
-        memory[c.name] = measure_memory(c)
-        print(f"memory {c.name}: {memory[c.name]}", flush=True)
-    if contenders[0].memory:  # ours once more, compiling its step itself (a first run)
-      cold = measure_memory(contenders[0], compilation_cache_on=False)
-      memory[contenders[0].name]["compiled_here"] = cold
-      print(f"memory {contenders[0].name}, cache off: {cold}", flush=True)
+    memory = measure_memory_rounds(contenders, memory_rounds)
 
   ours = contenders[0]
   rows, summary_rows = [], []
@@ -305,13 +367,18 @@ def compare(figure, title, contenders, *, rounds, warmup, setting, notes=(), ext
         "n/a" if ratios is None else
         f"**{np.median(ratios):.2f}** ({min(ratios):.2f}–{max(ratios):.2f}){' by GFLOP/s' if by_gflop else ''}")
     if "peak_mib" in mem:
-      mem_text = f"{mem['peak_mib']:.0f} (step +{mem['step_extra_mib']:.0f})"
-      if "cache_hits" in mem and i == 0:
-        mem_text += f", {mem['cache_hits']} program(s) from the compilation cache"
+      mem_text = _memory_text(mem)
+      if i == 0:
+        mem_text += f"; programs from the compilation cache per child: {mem['cache_hits']}"
       cold = mem.get("compiled_here", {})
       if "peak_mib" in cold:
-        mem_text += (f"; compiling everything itself (cache off, a first run): {cold['peak_mib']:.0f} "
-                     f"(step +{cold['step_extra_mib']:.0f})")
+        mem_text += f"; compiling everything itself (cache off, a first run): {_memory_text(cold)}"
+      if i > 0 and "peak_mib" in memory.get(ours.name, {}):
+        loaded = memory_ratios(memory[ours.name], mem)
+        compiled = memory_ratios(memory[ours.name].get("compiled_here", {}), mem)
+        mem_text += "; ours ÷ this per round: " + ", ".join(
+            f"{label} **{np.median(r):.3f}** ({min(r):.3f}–{max(r):.3f})"
+            for label, r in (("from the cache", loaded), ("compiled", compiled)) if r)
     elif "error" in mem:
       mem_text = "failed"
     else:
@@ -330,7 +397,8 @@ def compare(figure, title, contenders, *, rounds, warmup, setting, notes=(), ext
       f"- machine: {machine_line()}; load average before/after {load_before:.2f}/{os.getloadavg()[0]:.2f}",
       "",
       "| contender | median s/call | throughput | GFLOP/s | ours ÷ this: median of per-round ratios (range) "
-      "| peak RSS MiB in the step (above resting) |",
+      f"| peak RSS MiB in the step: median of {memory_rounds} alternated children (range; step above "
+      "resting) |",
       "|---|---|---|---|---|---|",
       *rows,
   ]
