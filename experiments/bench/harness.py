@@ -397,8 +397,8 @@ def compare(figure, title, contenders, *, rounds, warmup, setting, notes=(), ext
       f"- machine: {machine_line()}; load average before/after {load_before:.2f}/{os.getloadavg()[0]:.2f}",
       "",
       "| contender | median s/call | throughput | GFLOP/s | ours ÷ this: median of per-round ratios (range) "
-      f"| peak RSS MiB in the step: median of {memory_rounds} alternated children (range; step above "
-      "resting) |",
+      + (f"| peak RSS MiB in the step: median of {memory_rounds} alternated children (range; step above "
+         "resting) |" if memory else "| peak RSS MiB in the step (not measured for this figure) |"),
       "|---|---|---|---|---|---|",
       *rows,
   ]
