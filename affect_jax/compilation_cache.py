@@ -5,9 +5,10 @@ pays the compilation and keeps the compiler's code and leftovers in its resident
 cache, a process after the first loads the compiled programs instead. On the 2-core VM (AMD EPYC)
 the default main job's second run took 3 min 35 s instead of 3 min 55 s and peaked at 1.30 GiB
 instead of 1.45 GiB, with the same results; the tiny MAE step's process peaked at 1186-1196 MiB
-with its programs from the cache against 1214-1229 MiB when it compiled them
+with its programs from the cache against 1214-1227 MiB when it compiled them
 (`python -m experiments.bench.mae_step`, its memory child; experiments/bench/RESULTS.md, where
-the cost is also measured: a loaded ViT-B/16 MAE step adds ~75 MiB more during the call).
+the cost is also measured: a loaded ViT-B/16 MAE step's call adds +616 MiB against a compiled
+one's +565, medians of three processes each).
 
 The executables are machine code for the CPU that compiled them, and JAX's cache key on CPU names
 neither the CPU's features nor the jaxlib build, so the directory does:

@@ -52,6 +52,7 @@ import numpy as np
 
 from affect_jax import allocator
 from affect_jax import compilation_cache
+from experiments.bench.memory_summary import median_memory, memory_ratios
 
 # Every figure's process (children included) runs with the allocator setting the package's entry
 # points make (affect_jax.main, affect_jax.predict): glibc malloc arenas capped.
@@ -158,18 +159,32 @@ def machine_line():
 
 
 def flops(jitted, *args):
-  """GFLOP of one call of a jitted function: XLA's cost analysis of the lowered program.
-
-  None in a memory child (--child): the stages never run a cost analysis, and its conversion of
-  the program to HLO would be counted in the child's memory (tiny MAE step loaded from the
-  compilation cache: peak 1171-1177 MiB without it, 1186-1192 with it, 2 children each).
-  """
-  if CHILD.value:
-    return None
+  """GFLOP of one call of a jitted function: XLA's cost analysis of the lowered program."""
   cost = jitted.lower(*args).cost_analysis()
   if isinstance(cost, (list, tuple)):
     cost = cost[0]
   return float(cost.get("flops", 0.0)) / 1e9 if cost else None
+
+
+class StepGflop:
+  """`Contender.gflop` of a training-step figure: our step's count, credited to every side.
+
+  Our builder sets `count` (a function: `flops` of the step). It runs once, when `compare` first
+  asks, after every contender is built, and never in a memory child, which does not ask: the
+  stages never run a cost analysis, and its conversion of the program to HLO would be counted in
+  the child's memory (tiny MAE step loaded from the compilation cache: peak 1171-1177 MiB without
+  it, 1186-1192 with it, 2 children each). The value is kept in `built["gflop"]` for the notes
+  and the JSON summary.
+  """
+
+  def __init__(self, built):
+    self.built = built
+    self.count = None
+
+  def __call__(self):
+    if "gflop" not in self.built:
+      self.built["gflop"] = self.count() if self.count else None
+    return self.built["gflop"]
 
 
 # --- peak memory in a subprocess -----------------------------------------------------------------
@@ -232,31 +247,6 @@ def measure_memory(contender, compilation_cache_on=True):
     if line.startswith("PEAK "):
       return json.loads(line[5:])
   return {"name": contender.name, "error": (proc.stderr or proc.stdout)[-400:]}
-
-
-def median_memory(samples):
-  """One contender's memory children (`measure_memory` answers) as medians, with every sample.
-
-  Children that failed are counted in `failed`; with none measured, the first error is returned.
-  """
-  ok = [m for m in samples if "peak_mib" in m]
-  if not ok:
-    return dict(samples[0], failed=len(samples))
-  out = {"name": ok[0]["name"], "failed": len(samples) - len(ok), "samples": list(samples)}
-  for key in ("peak_mib", "resting_mib", "step_extra_mib"):
-    out[key] = float(np.median([m[key] for m in ok]))
-  for key in ("cache_hits", "cache_misses"):
-    out[key] = [m[key] for m in ok]
-  return out
-
-
-def memory_ratios(ours, other):
-  """Per-round ratios of peak RSS ours / other, from two `median_memory` answers (rounds where
-  either child failed are left out)."""
-  if "samples" not in ours or "samples" not in other:
-    return []
-  return [a["peak_mib"] / b["peak_mib"] for a, b in zip(ours["samples"], other["samples"])
-          if "peak_mib" in a and "peak_mib" in b]
 
 
 def measure_memory_rounds(contenders, rounds):
@@ -373,12 +363,13 @@ def compare(figure, title, contenders, *, rounds, warmup, setting, notes=(), ext
       cold = mem.get("compiled_here", {})
       if "peak_mib" in cold:
         mem_text += f"; compiling everything itself (cache off, a first run): {_memory_text(cold)}"
-      if i > 0 and "peak_mib" in memory.get(ours.name, {}):
-        loaded = memory_ratios(memory[ours.name], mem)
-        compiled = memory_ratios(memory[ours.name].get("compiled_here", {}), mem)
+      mine = memory.get(ours.name, {})
+      per_round = [(label, r) for label, r in (
+          ("from the cache", memory_ratios(mine, mem)),
+          ("compiled", memory_ratios(mine.get("compiled_here", {}), mem))) if i > 0 and r]
+      if per_round:
         mem_text += "; ours ÷ this per round: " + ", ".join(
-            f"{label} **{np.median(r):.3f}** ({min(r):.3f}–{max(r):.3f})"
-            for label, r in (("from the cache", loaded), ("compiled", compiled)) if r)
+            f"{label} **{np.median(r):.3f}** ({min(r):.3f}–{max(r):.3f})" for label, r in per_round)
     elif "error" in mem:
       mem_text = "failed"
     else:

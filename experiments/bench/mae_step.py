@@ -45,7 +45,8 @@ def preset_config(preset):
 
 
 def make_ours(config, batch):
-  """A blocking call of our jitted MAE step (the state is carried from call to call)."""
+  """(blocking call of our jitted MAE step, a function giving its GFLOP per call, parameter count);
+  the state is carried from call to call."""
   model = mae_lib.mae_from_config(config.model)
   tx, _ = optimizer_lib.make_optimizer(config.optimizer, steps_per_epoch=1000)
   mesh = trainer.make_mesh(config.mesh, jax.devices()[:1])
@@ -56,8 +57,8 @@ def make_ours(config, batch):
 
   step = mae_pretrain_stage.make_train_step(model, tx, shardings, mesh, config.seed)
   device_batch = trainer.to_global_batch({"image": images}, mesh)
-  gflop = harness.flops(step, state, device_batch)
   holder = [state]
+  count_gflop = lambda: harness.flops(step, holder[0], device_batch)  # asked only when needed
 
   def call():
     holder[0], metrics = step(holder[0], device_batch)
@@ -66,7 +67,7 @@ def make_ours(config, batch):
   # the compiled program's text, for profile_mae_step (compiled again only when asked)
   call.compiled_text = lambda: step.lower(holder[0], device_batch).compile().as_text()
   count = sum(x.size for x in jax.tree_util.tree_leaves(state.params))
-  return call, gflop, count
+  return call, count_gflop, count
 
 
 def make_torch(config, batch):
@@ -100,9 +101,10 @@ def main(argv):
   for preset in presets:
     config, batch = preset_config(preset)
     built = {}
+    gflop = harness.StepGflop(built)
 
-    def ours(config=config, batch=batch, built=built):
-      call, built["gflop"], built["ours_params"] = make_ours(config, batch)
+    def ours(config=config, batch=batch, built=built, gflop=gflop):
+      call, gflop.count, built["ours_params"] = make_ours(config, batch)
       return call
 
     def torch_side(config=config, batch=batch, built=built):
@@ -111,10 +113,9 @@ def main(argv):
 
     cfg = config.model
     name = "ViT-B/16" if preset == "B" else f"tiny (width 128, depth 4, patch {cfg.patch_size})"
-    contenders = [harness.Contender(f"ours (JAX) {preset}", ours, batch, "images",
-                                    lambda built=built: built.get("gflop"), memory=True),
+    contenders = [harness.Contender(f"ours (JAX) {preset}", ours, batch, "images", gflop, memory=True),
                   harness.Contender(f"PyTorch eager (ViTMAEForPreTraining) {preset}", torch_side, batch,
-                                    "images", lambda built=built: built.get("gflop"), memory=True)]
+                                    "images", gflop, memory=True)]
     rounds, warmup = harness.settings(5 if preset == "B" else 11)
     summary = harness.compare(
         f"mae_step_{preset}", f"MAE pre-training step, {name} at {cfg.image_size}x{cfg.image_size}",
